@@ -1,0 +1,510 @@
+"""Describe images and videos with Qwen2.5-VL on PaddlePaddle, optionally with PSA sparse prefill.
+
+Command line:
+    python infer_qwen2_5_vl_psa.py --type image --input photo.jpg --prompt "Describe this image"
+    python infer_qwen2_5_vl_psa.py --type video --input clip.mp4 --fps 1 --use-psa
+
+Notebook:
+    from infer_qwen2_5_vl_psa import QwenVLInference
+    m = QwenVLInference(model_name="Qwen/Qwen2.5-VL-3B-Instruct")
+    m.inference_image("photo.jpg", "Describe this image")
+    m.print_stats()
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Callable, List, Optional, Sequence, Union
+
+from errors import InputError, ModelLoadError, QwenVLError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+HUBS = ("huggingface", "modelscope", "aistudio")
+# What a model folder must hold to be loadable; the rest (tokenizer, processor) is checked on load.
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+
+
+# ----------------------------------------------------------------------------- device, model files
+
+def pick_device_and_dtype(requested: str, warn: Callable[[str], None]) -> (str, str):
+    """GPU when Paddle has one, else CPU; bfloat16 falls back where the hardware lacks it."""
+    import paddle
+
+    if requested not in ("bfloat16", "float16", "float32"):
+        raise InputError(f"--dtype must be bfloat16, float16 or float32, got {requested!r}")
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        paddle.set_device("gpu")
+        if requested == "bfloat16" and not paddle.amp.is_bfloat16_supported():
+            warn("this GPU has no bfloat16; using float16")
+            return "gpu", "float16"
+        return "gpu", requested
+    paddle.set_device("cpu")
+    if requested != "float32":
+        warn(f"no GPU found: running on the CPU in float32 (not {requested}); this is slow for real models")
+    return "cpu", "float32"
+
+
+def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
+    """A local folder as is; a hub id is downloaded (or found) under cache_dir first."""
+    if os.path.isdir(model):
+        check_model_dir(model)
+        return model
+    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"model {model!r} is neither a folder nor a hub id like Qwen/Qwen2.5-VL-3B-Instruct")
+    if hub not in HUBS:
+        raise InputError(f"--hub must be one of {', '.join(HUBS)}, got {hub!r}")
+    try:
+        if hub == "huggingface":
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(model, cache_dir=cache_dir, allow_patterns=list(WEIGHT_PATTERNS))
+        elif hub == "modelscope":
+            from modelscope import snapshot_download
+            path = snapshot_download(model, cache_dir=cache_dir)
+        else:
+            from aistudio_sdk.snapshot_download import snapshot_download
+            path = snapshot_download(repo_id=model, cache_dir=cache_dir)
+    except Exception as e:  # network, auth, unknown repo: all the user's to fix
+        raise ModelLoadError(f"cannot download {model!r} from {hub}: {type(e).__name__}: {str(e)[:200]} "
+                             f"(check the id and your network, or pass a local folder with --model)") from e
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: str):
+    names = set(os.listdir(path))
+    if "config.json" not in names:
+        raise ModelLoadError(f"model folder {path} has no config.json: point --model at a Qwen2.5-VL checkpoint "
+                             "folder in the Hugging Face layout")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ModelLoadError(f"model folder {path} has no *.safetensors weights: download the checkpoint "
+                             "completely (or run python -m tools.make_tiny_checkpoint DIR to try without one)")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from e
+    if model_type != "qwen2_5_vl":
+        raise ModelLoadError(f"model folder {path} holds a {model_type!r} model, not qwen2_5_vl")
+
+
+def writable_model_dir(path: str, cache_dir: str) -> str:
+    """paddleformers writes a metadata file next to the weights; mirror read-only folders by links."""
+    if os.access(path, os.W_OK):
+        return path
+    mirror = os.path.join(cache_dir, "mirrors", os.path.abspath(path).strip("/").replace("/", "__"))
+    os.makedirs(mirror, exist_ok=True)
+    for name in os.listdir(path):
+        link = os.path.join(mirror, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(os.path.abspath(path), name), link)
+    return mirror
+
+
+def quiet_libraries(verbose: bool):
+    """paddleformers and the checkpoint loader log every step at INFO; users want the answer."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    if not verbose:
+        warnings.filterwarnings("ignore")
+    import paddleformers  # noqa: F401  (creates its loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] not in ("__main__", "infer_qwen2_5_vl_psa", "corpus"):
+            logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def load_model_and_processor(path: str, dtype: str, device: str):
+    import paddle
+    from paddleformers.transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig.from_pretrained(path)
+    if device == "cpu":  # the fused RMSNorm kernel exists only for GPUs
+        for c in (cfg, cfg.text_config, cfg.vision_config):
+            c.fuse_rms_norm = False
+    attn = "sdpa" if device == "gpu" else "eager"
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=cfg, convert_from_hf=True,
+                                                                   dtype=dtype)
+        # use_fast=False: the slow processor resizes with PIL bicubic, as the model was trained.
+        processor = AutoProcessor.from_pretrained(path, use_fast=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {str(e)[:300]}") from e
+    model.eval()
+    paddle.set_grad_enabled(False)
+    return model, processor
+
+
+def stop_token_ids(path: str, model, tokenizer) -> List[int]:
+    """<|im_end|> and <|endoftext|> plus whatever generation_config.json / config.json name."""
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            continue
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def peak_memory(device: str) -> dict:
+    import paddle
+
+    if device == "gpu":
+        return {"peak_memory_mb": paddle.device.cuda.max_memory_allocated() / 2**20, "memory_kind": "gpu_allocator"}
+    import resource
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "memory_kind": "process_rss"}
+
+
+# ----------------------------------------------------------------------------- the class
+
+class QwenVLInference:
+    """Load Qwen2.5-VL once; describe images, several images and videos many times."""
+
+    def __init__(self, model_name: str = DEFAULT_MODEL, dtype: str = "bfloat16", use_psa: bool = False,
+                 psa_config=None, cache_dir: str = "./model_cache", hub: str = "huggingface",
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, verbose: bool = True):
+        from generation import Timer
+
+        self.verbose = verbose
+        self.cache_dir = cache_dir
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        quiet_libraries(verbose)
+        with Timer() as t:
+            self.device, self.dtype = pick_device_and_dtype(dtype, self._warn)
+            path = resolve_model_dir(model_name, cache_dir, hub)
+            self.model_dir = path
+            self.model, self.processor = load_model_and_processor(writable_model_dir(path, cache_dir),
+                                                                  self.dtype, self.device)
+        self.model_name = model_name
+        self.tokenizer = self.processor.tokenizer
+        self.stop_ids = stop_token_ids(path, self.model, self.tokenizer)
+        self.max_context = int(getattr(self.model.config.text_config, "max_position_embeddings", 128000))
+        self.load_s = t.s
+        self.stats: dict = {}
+        from qwen2_5_vl_psa_attention import install_router
+
+        # The router is in place even without PSA: it gives prefill that continues a cache the
+        # right causal offsets, which the model's own sdpa path does not.
+        self.attention = install_router(self.model)
+        if use_psa or psa_config is not None:
+            self.enable_psa(psa_config)
+
+    # -- PSA on and off on the loaded model
+    @property
+    def psa(self):
+        """The PSA state (config and stats) while PSA is on, else None."""
+        return self.attention if self.attention.config is not None else None
+
+    def enable_psa(self, psa_config=None):
+        from qwen2_5_vl_psa_attention import apply_psa
+
+        apply_psa(self.model, psa_config)
+
+    def disable_psa(self):
+        self.attention.config = None
+
+    # -- public entry points
+    def inference_image(self, image, prompt: str, **kw) -> str:
+        """image: path, file:// or http(s) URL, data: URI or PIL image."""
+        return self.inference_multi_image([image], prompt, **kw)
+
+    def inference_multi_image(self, images: Sequence, prompt: str, *, min_pixels=None, max_pixels=None,
+                              **kw) -> str:
+        from generation import Timer
+        from media import load_image
+
+        if not images:
+            raise InputError("no images given: pass at least one path, URL or PIL image")
+        with Timer() as t:
+            pil = [load_image(im, min_pixels=min_pixels or self.min_pixels,
+                              max_pixels=max_pixels or self.max_pixels, cache_dir=self._media_cache())
+                   for im in images]
+        content = [{"type": "image"} for _ in pil] + [{"type": "text", "text": prompt}]
+        return self._run(content, {"images": pil}, {"fetch_decode_resize_s": t.s}, **kw)
+
+    def inference_video(self, video, prompt: str, fps: float = 1.0, *, min_pixels=None, max_pixels=None,
+                        max_frames=None, **kw) -> str:
+        """video: file path, http(s) URL or a folder of frame images."""
+        from media import load_video
+
+        v = load_video(video, fps=fps, min_pixels=min_pixels or self.min_pixels,
+                       max_pixels=max_pixels or self.max_pixels, max_frames=max_frames,
+                       cache_dir=self._media_cache(), progress=self.verbose)
+        content = [{"type": "video"}, {"type": "text", "text": prompt}]
+        pre = {k: v.timings[k] for k in v.timings}
+        extra = {"frames": int(v.frames.shape[0]), "frame_size": [int(v.frames.shape[1]), int(v.frames.shape[2])],
+                 "sample_fps": float(v.sample_fps), "video_duration_s": float(v.duration_s)}
+        return self._run(content, {"videos": [v.frames], "fps": v.sample_fps}, pre, extra=extra, **kw)
+
+    # -- the one pipeline behind all entry points
+    def _run(self, content, media, pre_timings, *, extra=None, max_tokens: int = 512, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+             stream: Union[bool, Callable[[str], None]] = False) -> str:
+        from generation import GenerationOptions, TextStream, Timer, decode, prefill
+        import paddle
+
+        if not isinstance(content[-1]["text"], str) or not content[-1]["text"].strip():
+            raise InputError("the prompt is empty: say what you want to know, e.g. --prompt 'Describe this image'")
+        opts = GenerationOptions(max_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        opts.validate()
+        if seed is not None:
+            paddle.seed(seed)
+        if self.device == "gpu":
+            paddle.device.cuda.reset_max_memory_allocated()
+        t_start = time.perf_counter()
+        with Timer() as t_proc:
+            inputs = self._encode(content, media)
+        n_in = inputs["input_ids"].shape[1]
+        if n_in + 1 > self.max_context:
+            raise InputError(f"media plus prompt is {n_in} tokens, over the model's context of {self.max_context}: "
+                             "lower --fps or --max-pixels")
+        with Timer() as t_vis:
+            embeds = self._embed(inputs)
+        self.attention.reset()
+        from paddleformers.transformers.cache_utils import DynamicCache
+        cache = DynamicCache(config=self.model.config.text_config)
+        callback = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream is True else (stream or None)
+        text_stream = TextStream(self.tokenizer, callback)
+        with Timer() as t_pre:
+            pos, rope_deltas = self._positions(inputs)
+            logits = prefill(self.model, embeds, pos, cache)
+        ttft = time.perf_counter() - t_start
+        with Timer() as t_dec:
+            out_ids, stopped_by = decode(self.model, logits, cache, rope_deltas, self.stop_ids, opts, text_stream,
+                                         inputs["input_ids"][0].tolist())
+        text = text_stream.end()
+        del cache
+        self.last_token_ids, self.last_media = out_ids, media
+        self.stats = self._collect_stats(inputs, pre_timings, t_proc.s, t_vis.s, t_pre.s, t_dec.s, ttft,
+                                         len(out_ids), stopped_by, extra or {})
+        return text
+
+    def _encode(self, content, media) -> dict:
+        """Chat template + processor: token ids with the media placeholders expanded, pixel tensors."""
+        messages = [{"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # media.py already sampled and resized (multiples of 28 within the pixel limits): the
+        # processor must not resize or sample again.
+        kw = {"text": [text], "return_tensors": "pd", "do_resize": False}
+        if "images" in media:
+            kw["images"] = media["images"]
+        if "videos" in media:
+            kw.update(videos=media["videos"], do_sample_frames=False, fps=media["fps"])
+        return dict(self.processor(**kw))
+
+    def _embed(self, inputs) -> "paddle.Tensor":
+        """Token embeddings with the vision encoder's outputs scattered into the placeholders."""
+        import paddle
+
+        core = self.model.model
+        ids = inputs["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        for kind, pix, grid in (("image", "pixel_values", "image_grid_thw"),
+                                ("video", "pixel_values_videos", "video_grid_thw")):
+            if inputs.get(pix) is None:
+                continue
+            feats = getattr(core, f"get_{kind}_features")(inputs[pix].astype(self.dtype), inputs[grid])
+            feats = paddle.concat(feats, axis=0).astype(embeds.dtype)
+            token = getattr(self.model.config, f"{kind}_token_id")
+            mask = (ids == token).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, feats)
+        return embeds
+
+    def _positions(self, inputs):
+        """3-D mrope positions [3, B, L] and the delta that continues them for generated text."""
+        pos, deltas = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs.get("attention_mask"))
+        return pos, deltas
+
+    def _collect_stats(self, inputs, pre, proc_s, vis_s, prefill_s, decode_s, ttft, n_out, stopped_by, extra):
+        ids = inputs["input_ids"][0]
+        n_img = int((ids == self.model.config.image_token_id).sum())
+        n_vid = int((ids == self.model.config.video_token_id).sum())
+        n_all = int(ids.shape[0])
+        stats = {
+            "model": self.model_name, "device": self.device, "dtype": self.dtype,
+            "model_load_s": self.load_s,
+            "preprocess_s": sum(pre.values()) + proc_s, "preprocess": {**pre, "processor_s": proc_s},
+            "vision_encoder_s": vis_s,
+            "prefill_s": prefill_s,
+            "time_to_first_token_s": ttft,
+            "decode_s": decode_s,
+            # the first output token comes from the prefill; decoding makes the rest
+            "decode_tokens_per_s": (max(n_out - 1, 0) / decode_s) if decode_s > 0 and n_out > 1 else None,
+            "input_tokens": {"text": n_all - n_img - n_vid, "image": n_img, "video": n_vid, "total": n_all},
+            "output_tokens": n_out,
+            "stopped_by": stopped_by,
+            **peak_memory(self.device),
+            **extra,
+        }
+        if self.psa is not None:
+            stats["psa"] = self.psa.summary()
+        return stats
+
+    def _media_cache(self) -> str:
+        return os.path.join(self.cache_dir, "media")
+
+    def _warn(self, msg: str):
+        if self.verbose:
+            print(f"warning: {msg}", file=sys.stderr)
+
+    def print_stats(self, file=None):
+        """The last call's numbers, one per line."""
+        print(format_stats(self.stats), file=file or sys.stdout)
+
+
+def format_stats(s: dict) -> str:
+    if not s:
+        return "no inference has run yet"
+    tok = s["input_tokens"]
+    rate = f"{s['decode_tokens_per_s']:.1f} tokens/s" if s.get("decode_tokens_per_s") else "n/a (<2 tokens)"
+    lines = [
+        "---- stats ----",
+        f"model           {s['model']} on {s['device']} ({s['dtype']})",
+        f"model load      {s['model_load_s']:.2f} s",
+        f"preprocess      {s['preprocess_s']:.3f} s  ({', '.join(f'{k} {v:.3f}' for k, v in s['preprocess'].items())})",
+        f"vision encoder  {s['vision_encoder_s']:.3f} s",
+        f"prefill         {s['prefill_s']:.3f} s  (time to first token {s['time_to_first_token_s']:.3f} s)",
+        f"decode          {rate}",
+        f"input tokens    {tok['total']}  (text {tok['text']}, image {tok['image']}, video {tok['video']})",
+        f"output tokens   {s['output_tokens']}  (stopped by {s['stopped_by']})",
+        f"peak memory     {s['peak_memory_mb']:.0f} MiB  ({s['memory_kind'].replace('_', ' ')})",
+    ]
+    if "frames" in s:
+        lines.append(f"video           {s['frames']} frames of {s['frame_size'][0]}x{s['frame_size'][1]} "
+                     f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s")
+    if "psa" in s:
+        lines.append(format_psa(s["psa"]))
+    return "\n".join(lines)
+
+
+def format_psa(p: dict) -> str:
+    if not p.get("calls"):
+        return (f"psa             on, not used: the prompt is shorter than min_seq_len ({p['min_seq_len']} tokens), "
+                "where dense attention is faster")
+    hist = ", ".join(f"x{k}: {v:.0%}" if k != "0" else f"skip: {v:.0%}" for k, v in p["level_fractions"].items())
+    return (f"psa             sparsity {p['sparsity']:.1%} over {p['calls']} layer calls at {p['seq_len']} tokens "
+            f"({p['backend']}); blocks {hist}\n"
+            f"                estimate {p['estimate_s']:.3f} s, mask {p['mask_s']:.3f} s, "
+            f"attention {p['attention_s']:.3f} s; {p['decode_calls']} decode calls kept dense")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Describe images and videos with Qwen2.5-VL on PaddlePaddle (PSA sparse prefill optional).",
+        epilog="Try it without a download: python -m tools.make_tiny_checkpoint tiny && "
+               "python infer_qwen2_5_vl_psa.py --model tiny --type image --input photo.jpg")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"hub id or local folder in the Hugging Face layout (default {DEFAULT_MODEL})")
+    ap.add_argument("--hub", default="huggingface", choices=HUBS, help="where hub ids are downloaded from")
+    ap.add_argument("--cache-dir", default="./model_cache", help="downloads go here (default ./model_cache)")
+    ap.add_argument("--type", choices=("image", "video"), help="input kind (default: guessed from --input)")
+    ap.add_argument("--input", nargs="+", action="extend",
+                    help="image(s): path, file:// or http(s) URL, data: URI; video: file, URL or frame folder")
+    ap.add_argument("--prompt", default=None, help="what to ask (default: 'Describe this image/video.')")
+    ap.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="weights and activations (GPU; the CPU always uses float32)")
+    ap.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1.0)")
+    ap.add_argument("--max-frames", type=int, default=None, help="cap on sampled video frames")
+    ap.add_argument("--max-pixels", type=int, default=None, help="largest frame/image area in pixels after resize")
+    ap.add_argument("--min-pixels", type=int, default=None, help="smallest frame/image area in pixels after resize")
+    g = ap.add_argument_group("generation")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable samples")
+    g.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is generated")
+    g.add_argument("--json", action="store_true", help="print one JSON object {answer, stats} and nothing else")
+    p = ap.add_argument_group("PSA (Pyramid Sparse Attention) for long prefill")
+    p.add_argument("--use-psa", action="store_true", help="sparse prefill attention in the language model")
+    p.add_argument("--query-block", type=int, default=128, help="PSA block size (default 128)")
+    p.add_argument("--xattn-stride", type=int, default=16, help="PSA importance-estimate stride (default 16)")
+    p.add_argument("--psa-min-seq-len", type=int, default=None,
+                   help="below this many tokens PSA falls back to dense attention")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap
+
+
+def psa_config_from_args(args):
+    if not args.use_psa:
+        return None
+    from psa_paddle import AttentionConfig
+
+    kw = {"query_block": args.query_block, "xattn_stride": args.xattn_stride}
+    if args.psa_min_seq_len is not None:
+        kw["min_seq_len"] = args.psa_min_seq_len
+    return AttentionConfig(**kw)
+
+
+def infer_type(inputs: List[str]) -> str:
+    from media import guess_media_type
+
+    kinds = {guess_media_type(i) for i in inputs}
+    if len(kinds) == 1 and None not in kinds:
+        return kinds.pop()
+    raise InputError("cannot tell whether the input is an image or a video: pass --type image or --type video")
+
+
+def run_cli(args) -> int:
+    if not args.input:
+        raise InputError("no --input given: pass an image or video path or URL")
+    if args.fps <= 0:
+        raise InputError(f"--fps must be > 0, got {args.fps}")
+    kind = args.type or infer_type(args.input)
+    if kind == "video" and len(args.input) != 1:
+        raise InputError(f"--type video takes one --input, got {len(args.input)}")
+    prompt = args.prompt or f"Describe this {kind}."
+    psa_cfg = psa_config_from_args(args)
+    model = QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_cfg,
+                            cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,
+                            max_pixels=args.max_pixels, verbose=not args.json)
+    stream = not args.no_stream and not args.json
+    gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+               repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
+    if kind == "video":
+        answer = model.inference_video(args.input[0], prompt, fps=args.fps, max_frames=args.max_frames, **gen)
+    else:
+        answer = model.inference_multi_image(args.input, prompt, **gen)
+    if args.json:
+        print(json.dumps({"answer": answer, "stats": model.stats}, ensure_ascii=False))
+        return 0
+    print("" if stream else answer)
+    model.print_stats(file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        return run_cli(args)
+    except QwenVLError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -494,9 +494,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
+    from psa_paddle import ConfigError
+
     try:
         return run_cli(args)
-    except QwenVLError as e:
+    except (QwenVLError, ConfigError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

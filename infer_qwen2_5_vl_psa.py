@@ -236,12 +236,13 @@ class QwenVLInference:
 
     def inference_video(self, video, prompt: str, fps: float = 1.0, *, min_pixels=None, max_pixels=None,
                         max_frames=None, **kw) -> str:
-        """video: file path, http(s) URL or a folder of frame images."""
-        from media import load_video
+        """video: file path, http(s) URL, a folder of frame images, or a media.Video already loaded
+        (by media.load_video, e.g. in a prefetch thread; then fps and the pixel limits are its own)."""
+        from media import Video, load_video
 
-        v = load_video(video, fps=fps, min_pixels=min_pixels or self.min_pixels,
-                       max_pixels=max_pixels or self.max_pixels, max_frames=max_frames,
-                       cache_dir=self._media_cache(), progress=self.verbose)
+        v = video if isinstance(video, Video) else load_video(
+            video, fps=fps, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels,
+            max_frames=max_frames, cache_dir=self._media_cache(), progress=self.verbose)
         content = [{"type": "video"}, {"type": "text", "text": prompt}]
         pre = {k: v.timings[k] for k in v.timings}
         extra = {"frames": int(v.frames.shape[0]), "frame_size": [int(v.frames.shape[1]), int(v.frames.shape[2])],
@@ -416,7 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--type", choices=("image", "video"), help="input kind (default: guessed from --input)")
     ap.add_argument("--input", nargs="+", action="extend",
                     help="image(s): path, file:// or http(s) URL, data: URI; video: file, URL or frame folder")
-    ap.add_argument("--prompt", default=None, help="what to ask (default: 'Describe this image/video.')")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="what to ask (default: 'Describe this image/video.'); give it several times to ask "
+                         "several questions about the same input, each answered in turn")
+    ap.add_argument("--prompts-file", default=None,
+                    help="a text file of questions, one per line, all about the same --input")
+    ap.add_argument("--conversation", action="store_true",
+                    help="with several prompts: each question sees the earlier questions and answers "
+                         "(default: independent questions)")
     ap.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="weights and activations (GPU; the CPU always uses float32)")
@@ -438,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xattn-stride", type=int, default=16, help="PSA importance-estimate stride (default 16)")
     p.add_argument("--psa-min-seq-len", type=int, default=None,
                    help="below this many tokens PSA falls back to dense attention")
+    b = ap.add_argument_group("corpus mode: one prompt over many inputs")
+    b.add_argument("--batch", default=None,
+                   help="a JSONL file (input, type, prompt, id, fps, max_pixels per line) or a text file "
+                        "with one path or URL per line")
+    b.add_argument("--output", default=None, help="JSONL results file for --batch (resumable)")
+    b.add_argument("--merge", action="store_true",
+                   help="only merge the per-rank part files of --output into --output, then exit")
+    b.add_argument("--prefetch", type=int, default=2, help="inputs prepared ahead of the GPU (default 2)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -462,7 +478,28 @@ def infer_type(inputs: List[str]) -> str:
     raise InputError("cannot tell whether the input is an image or a video: pass --type image or --type video")
 
 
+def collect_prompts(args, kind: str) -> List[str]:
+    """--prompt (repeatable) then --prompts-file lines; the default question when none is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [ln.strip() for ln in f if ln.strip()]
+        except OSError as e:
+            raise InputError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from e
+    return prompts or [f"Describe this {kind}."]
+
+
+def run_questions(model, args, kind, prompts, gen) -> int:
+    """Several questions about one input: the media prefix is prefilled once (see session.py)."""
+    raise InputError("several prompts are not supported yet: pass one --prompt")
+
+
 def run_cli(args) -> int:
+    if args.batch or args.merge:
+        from corpus import run_batch
+
+        return run_batch(args)
     if not args.input:
         raise InputError("no --input given: pass an image or video path or URL")
     if args.fps <= 0:
@@ -470,7 +507,7 @@ def run_cli(args) -> int:
     kind = args.type or infer_type(args.input)
     if kind == "video" and len(args.input) != 1:
         raise InputError(f"--type video takes one --input, got {len(args.input)}")
-    prompt = args.prompt or f"Describe this {kind}."
+    prompts = collect_prompts(args, kind)
     psa_cfg = psa_config_from_args(args)
     model = QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_cfg,
                             cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,
@@ -478,10 +515,13 @@ def run_cli(args) -> int:
     stream = not args.no_stream and not args.json
     gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
+    if len(prompts) > 1:
+        return run_questions(model, args, kind, prompts, gen)
     if kind == "video":
-        answer = model.inference_video(args.input[0], prompt, fps=args.fps, max_frames=args.max_frames, **gen)
+        answer = model.inference_video(args.input[0], prompts[0], fps=args.fps, max_frames=args.max_frames,
+                                       **gen)
     else:
-        answer = model.inference_multi_image(args.input, prompt, **gen)
+        answer = model.inference_multi_image(args.input, prompts[0], **gen)
     if args.json:
         print(json.dumps({"answer": answer, "stats": model.stats}, ensure_ascii=False))
         return 0

@@ -1,0 +1,749 @@
+"""Media inputs for Qwen2.5-VL: images and videos in, resized PIL images / uint8 frames out.
+
+Public API:
+    load_image(src, ...) -> PIL.Image.Image (RGB, sides multiples of 28)
+    load_video(src, ...) -> Video (frames uint8 [T, H, W, 3], T even, H and W multiples of 28)
+    guess_media_type(src) -> "image" | "video" | None
+
+Sampling and resize follow the Qwen2.5-VL reference pipeline (qwen-vl-utils, as ported in
+paddleformers.transformers.qwen2_vl.vision_process). Its helpers (smart_resize, smart_nframes and
+the token-count constants) are reused, not rewritten; what we add is input handling, decoding
+(paddleformers' own video reader does not work here) and errors that say what to do.
+
+Every problem with the user's input raises one of the errors.py classes with a one-line message:
+MediaNotFoundError (a missing local file or folder), MediaError (cannot fetch, open or decode;
+a shape the model cannot take), InputError (a bad argument).
+
+Where this module deliberately differs from paddleformers' vision_process:
+- Video frames are resized with PIL bicubic per frame instead of Paddle's antialiased bicubic on
+  the tensor: at most a couple of 8-bit levels apart (tested). Images use PIL bicubic, as there.
+- A max_pixels below the default min_pixels drops that default to one patch instead of failing.
+- Transparency is composited over white for every mode with alpha (the reference: RGBA only).
+- Frame folders / lists longer than max_frames (default 768) are sampled down (linspace rule);
+  the reference takes every frame. Each frame goes through the image rule with factor 28, as in
+  qwen-vl-utils; paddleformers' fetch_video passes 28 as the patch size there (factor 56), a
+  slip of the port that is not reproduced.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import math
+import mimetypes
+import numbers
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import requests
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from errors import InputError, MediaError, MediaNotFoundError, QwenVLError
+from paddleformers.transformers.qwen2_vl import vision_process as _vp
+from paddleformers.transformers.qwen2_vl.vision_process import (
+    FPS,
+    FPS_MAX_FRAMES,
+    FRAME_FACTOR,
+    IMAGE_MAX_TOKEN_NUM,
+    IMAGE_MIN_TOKEN_NUM,
+    MAX_RATIO,
+    SPATIAL_MERGE_SIZE,
+    VIDEO_MAX_TOKEN_NUM,
+    VIDEO_MIN_TOKEN_NUM,
+    ceil_by_factor,
+    floor_by_factor,
+    smart_nframes,
+    smart_resize,
+)
+
+PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
+FACTOR = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28: one merged token covers a 28x28 pixel square
+PATCH_PIXELS = FACTOR * FACTOR
+
+IMAGE_MIN_PIXELS = IMAGE_MIN_TOKEN_NUM * PATCH_PIXELS
+IMAGE_MAX_PIXELS = IMAGE_MAX_TOKEN_NUM * PATCH_PIXELS
+VIDEO_MIN_PIXELS = VIDEO_MIN_TOKEN_NUM * PATCH_PIXELS
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKEN_NUM * PATCH_PIXELS
+
+DEFAULT_CACHE_DIR = os.path.join("model_cache", "media")  # relative to the working directory
+BACKENDS = ("auto", "decord", "pyav")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
+              ".3gp", ".ts"}
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_HTTP_HEADERS = {"User-Agent": "qwen2.5-vl-paddle/1.0"}  # some hosts refuse requests' default agent
+
+Source = Union[str, os.PathLike, Image.Image]
+
+
+@dataclass
+class Video:
+    """Sampled, resized video frames plus what the processor and the stats need."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3], T even, H and W multiples of 28
+    sample_fps: float  # frames per second of `frames` (what the model's temporal positions use)
+    source_fps: float  # frame rate of the source (for a frame folder: the `fps` asked for)
+    total_frames: int  # frames in the source
+    frame_indices: list  # source frame index of each sampled frame
+    duration_s: float  # source length in seconds
+    timings: dict = field(default_factory=dict)  # fetch_s, decode_s, resize_s
+    backend: str = ""  # "decord", "pyav" or "frames"
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+               cache_dir: Optional[str] = None, timeout: float = 30) -> Image.Image:
+    """Open an image and resize it the Qwen2.5-VL way.
+
+    src: local path, file:// URL, http(s) URL, data:image/...;base64 URI or a PIL image.
+    Pixel limits default to the reference's 4 .. 16384 tokens (x 28*28 pixels). A remote image is
+    fetched into memory, or into `cache_dir` (reused next time) when one is given.
+    """
+    min_pixels, max_pixels = _image_pixel_limits(min_pixels, max_pixels)
+    _check_timeout(timeout)
+    label = _describe(src)
+    image = _to_rgb(_open_image(src, label, cache_dir, timeout))
+    width, height = image.size
+    new_h, new_w = _smart_size(height, width, min_pixels, max_pixels, label)
+    # PIL bicubic is what the reference's fetch_image uses (Image.resize's default filter).
+    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
+               min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+               total_pixels: Optional[float] = None, max_frames: Optional[int] = None,
+               cache_dir: Optional[str] = None, timeout: float = 30, progress: bool = True,
+               backend: str = "auto") -> Video:
+    """Open a video, sample frames at `fps` and resize them the Qwen2.5-VL way.
+
+    src: local video file, file:// or http(s) URL (downloaded once into `cache_dir`, default
+    ./model_cache/media), data:video/...;base64 URI, a folder of frame images (sorted by name,
+    numbers in names compared as numbers) or a list of image sources.
+    backend: "auto" (decord, then PyAV when decord is missing or fails), "decord" or "pyav".
+
+    Frame sizes: smart_resize to multiples of 28 between min_pixels (default 128 tokens) and
+    max(min(768 tokens, total_pixels / T * 2), 1.05 * min_pixels), which a user max_pixels can
+    only lower; total_pixels defaults to MODEL_SEQ_LEN * 28*28 * 0.9 (all as the reference).
+    A frame folder with an odd count is padded by repeating its last frame (reference rule).
+    """
+    _check_video_args(fps, max_frames, backend)
+    _check_timeout(timeout)
+    min_pixels, max_pixels = _checked_pixel_limits(min_pixels, max_pixels)
+    total_pixels = _checked_total_pixels(total_pixels)
+    timings = {"fetch_s": 0.0, "decode_s": 0.0, "resize_s": 0.0}
+    if isinstance(src, (list, tuple)):
+        return _load_frame_list(list(src), "frame list", fps, min_pixels, max_pixels, total_pixels,
+                                max_frames, cache_dir, timeout, timings)
+    start = time.perf_counter()
+    path, label = _video_file(src, cache_dir, timeout, progress)
+    timings["fetch_s"] = time.perf_counter() - start
+    if path.is_dir():
+        return _load_frame_list(_frame_files(path), str(path), fps, min_pixels, max_pixels,
+                                total_pixels, max_frames, cache_dir, timeout, timings)
+
+    def choose(total_frames: int, video_fps: float) -> list:
+        return _sample_indices(total_frames, video_fps, fps, max_frames, label)
+
+    start = time.perf_counter()
+    frames, total, video_fps, indices, used = _decode_video(path, label, choose, backend)
+    timings["decode_s"] = time.perf_counter() - start
+    frames, timings["resize_s"] = _resize_video(frames, min_pixels, max_pixels, total_pixels, label)
+    return Video(frames=frames, sample_fps=len(indices) / max(total, 1e-6) * video_fps,
+                 source_fps=video_fps, total_frames=total, frame_indices=list(indices),
+                 duration_s=total / video_fps, timings=timings, backend=used)
+
+
+def guess_media_type(src: Any) -> Optional[str]:
+    """Return "image", "video" or None from a PIL image, a list (frames), a data URI's MIME type,
+    a file extension or a local folder (frames: a video). Nothing is opened or fetched."""
+    if isinstance(src, Image.Image):
+        return "image"
+    if isinstance(src, (list, tuple)):
+        return "video" if src else None
+    if not isinstance(src, (str, os.PathLike)):
+        return None
+    text = os.fspath(src)
+    if isinstance(src, str) and text.startswith("data:"):
+        mime = text[5:].split(",", 1)[0].split(";", 1)[0].lower()
+        return {"image": "image", "video": "video"}.get(mime.split("/", 1)[0])
+    scheme = _url_scheme(text) if isinstance(src, str) else None
+    path = urlparse(text).path if scheme in ("http", "https") else text
+    if scheme == "file":
+        path = _file_url_path(text)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in VIDEO_EXTS:
+        return "video"
+    if scheme in (None, "file") and os.path.isdir(os.path.expanduser(path)):
+        return "video"
+    return None
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_timeout(timeout: Any) -> None:
+    if not _is_number(timeout) or timeout <= 0:
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
+def _check_video_args(fps: Any, max_frames: Any, backend: Any) -> None:
+    if not _is_number(fps) or fps <= 0:
+        raise InputError(f"fps must be a positive number of frames per second, got {fps!r}; "
+                         f"e.g. fps={FPS}")
+    if max_frames is not None and (not isinstance(max_frames, numbers.Integral)
+                                   or isinstance(max_frames, bool) or max_frames < FRAME_FACTOR):
+        raise InputError(f"max_frames must be an integer >= {FRAME_FACTOR}, got {max_frames!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+def _checked_pixel_limits(min_pixels: Any, max_pixels: Any) -> tuple:
+    """Explicit limits only: None stays None (the defaults depend on image vs video)."""
+    if min_pixels is not None and (not _is_number(min_pixels) or min_pixels < 0):
+        raise InputError(f"min_pixels must be a number >= 0, got {min_pixels!r}")
+    if max_pixels is not None and (not _is_number(max_pixels) or max_pixels < PATCH_PIXELS):
+        raise InputError(f"max_pixels={max_pixels!r} is smaller than one {FACTOR}x{FACTOR} patch; "
+                         f"use at least {PATCH_PIXELS}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise InputError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}; "
+                         f"lower min_pixels or raise max_pixels")
+    return min_pixels, max_pixels
+
+
+def _checked_total_pixels(total_pixels: Any) -> float:
+    if total_pixels is None:
+        # Read at call time, like the reference: MODEL_SEQ_LEN comes from the environment.
+        return _vp.MODEL_SEQ_LEN * PATCH_PIXELS * 0.9
+    if not _is_number(total_pixels) or total_pixels < PATCH_PIXELS:
+        raise InputError(f"total_pixels={total_pixels!r} is smaller than one {FACTOR}x{FACTOR} "
+                         f"patch; use at least {PATCH_PIXELS}")
+    return total_pixels
+
+
+def _default_min(default: int, min_pixels: Optional[float], max_pixels: Optional[float]) -> float:
+    """A user max_pixels below the default min (where the reference fails an assert) drops the
+    default min to one patch: no upscaling, and max_pixels holds. Lowering it to max_pixels
+    instead would make smart_resize's upscaling round past max_pixels almost every time."""
+    if min_pixels is not None:
+        return min_pixels
+    if max_pixels is not None and max_pixels < default:
+        return PATCH_PIXELS
+    return default
+
+
+def _image_pixel_limits(min_pixels: Any, max_pixels: Any) -> tuple:
+    """(min_pixels, max_pixels) with the reference's image defaults (4..16384 tokens)."""
+    min_pixels, max_pixels = _checked_pixel_limits(min_pixels, max_pixels)
+    min_pixels = _default_min(IMAGE_MIN_PIXELS, min_pixels, max_pixels)
+    if max_pixels is None:
+        max_pixels = IMAGE_MAX_PIXELS
+    if min_pixels > max_pixels:
+        raise InputError(f"min_pixels={min_pixels} is larger than the default max_pixels="
+                         f"{max_pixels}; pass max_pixels too")
+    return min_pixels, max_pixels
+
+
+# ----------------------------------------------------------------------------- sizes and sampling
+
+
+def _smart_size(height: int, width: int, min_pixels: float, max_pixels: float, label: str,
+                fix: str = "raise max_pixels") -> tuple:
+    """paddleformers' smart_resize with its assert / ValueError turned into our errors."""
+    if height < 1 or width < 1:
+        raise MediaError(f"{label} is empty ({width}x{height} pixels); check the file")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise MediaError(f"{label} is {width}x{height}, aspect ratio {ratio:.0f}:1; Qwen2.5-VL "
+                         f"takes at most {MAX_RATIO}:1, crop or pad it")
+    try:
+        new_h, new_w = smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels,
+                                    max_pixels=max_pixels)
+    except (AssertionError, ValueError) as exc:  # checked above; kept for a changed helper
+        raise MediaError(f"cannot size {label} ({width}x{height}): {exc}") from None
+    if new_h < FACTOR or new_w < FACTOR:
+        # smart_resize floors the short side to 0 when max_pixels is tight for the aspect ratio.
+        raise MediaError(f"{label} ({width}x{height}) cannot be scaled to whole {FACTOR}x{FACTOR} "
+                         f"patches within max_pixels={max_pixels:g} at this aspect ratio; {fix}")
+    return new_h, new_w
+
+
+def _linspace_indices(last: int, count: int) -> list:
+    """round(linspace(0, last, count)) exactly as the reference computes it with paddle: float32
+    values, step in float32, the second half counted back from the end, rounding half to even.
+    float64 would pick a neighbouring frame in some long videos (tests compare with paddle)."""
+    if count == 1:
+        return [0]
+    i = np.arange(count, dtype=np.float32)
+    stop = np.float32(last)
+    step = np.float32(stop / np.float32(count - 1))
+    values = np.where(i < count // 2, step * i, stop - step * (np.float32(count - 1) - i))
+    return [int(v) for v in np.round(values.astype(np.float32))]
+
+
+def _sample_indices(total_frames: int, video_fps: float, fps: float, max_frames: Optional[int],
+                    label: str) -> list:
+    if total_frames < FRAME_FACTOR:
+        raise MediaError(f"video {label} has {total_frames} frame(s); Qwen2.5-VL needs at least "
+                         f"{FRAME_FACTOR}: use a longer video or pass it as an image")
+    if not _is_number(video_fps) or video_fps <= 0:
+        raise MediaError(f"video {label} reports no usable frame rate ({video_fps!r}); "
+                         f"re-encode it or pass its frames as a folder")
+    ele = {"fps": fps}
+    if max_frames is not None:
+        ele["max_frames"] = max_frames
+    try:
+        nframes = smart_nframes(ele, total_frames=total_frames, video_fps=video_fps)
+    except (AssertionError, ValueError) as exc:
+        raise MediaError(f"cannot sample frames from video {label}: {exc}") from None
+    return _linspace_indices(total_frames - 1, nframes)
+
+
+def _video_max_pixels(nframes: int, min_pixels: float, max_pixels: Optional[float],
+                      total_pixels: float) -> float:
+    """The reference's per-frame cap: spread total_pixels over the frames (two frames share one
+    temporal patch), within [1.05 * min_pixels, 768 tokens]; a user max_pixels only lowers it."""
+    cap = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    return cap if max_pixels is None else min(max_pixels, cap)
+
+
+def _resize_video(frames: np.ndarray, min_pixels: Optional[float], max_pixels: Optional[float],
+                  total_pixels: float, label: str) -> tuple:
+    """Resize all frames to the reference's size; returns (frames, seconds)."""
+    start = time.perf_counter()
+    min_pixels = _default_min(VIDEO_MIN_PIXELS, min_pixels, max_pixels)
+    cap = _video_max_pixels(len(frames), min_pixels, max_pixels, total_pixels)
+    height, width = frames.shape[1:3]
+    new_h, new_w = _smart_size(height, width, min_pixels, cap, f"video {label}",
+                               "raise max_pixels or total_pixels, or sample fewer frames")
+    return _resize_frames(frames, new_h, new_w), time.perf_counter() - start
+
+
+def _resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PIL bicubic per frame. The reference resizes the uint8 frame tensor with Paddle's
+    antialiased bicubic instead; both are antialiased bicubic filters and differ by at most a
+    couple of 8-bit levels on sharp edges, far less on average (tests/test_media.py checks it)."""
+    if frames.shape[1:3] == (height, width):
+        return np.ascontiguousarray(frames)
+    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(frame).resize((width, height),
+                                                          Image.Resampling.BICUBIC))
+    return out
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _describe(src: Any) -> str:
+    """A short name for messages: data URIs are cut, PIL images described."""
+    if isinstance(src, Image.Image):
+        return f"<PIL image {src.width}x{src.height} {src.mode}>"
+    text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else repr(src)
+    if isinstance(text, str) and text.startswith("data:") and len(text) > 60:
+        return f"{text[:40]}...({len(text)} chars)"
+    return str(text)
+
+
+def _url_scheme(text: str) -> Optional[str]:
+    match = _URL_RE.match(text)
+    return match.group(1).lower() if match else None
+
+
+def _file_url_path(url: str) -> str:
+    """file:///abs/path -> /abs/path. The reference simply drops "file://", so the literal rest
+    wins when it exists; otherwise percent-escapes are decoded."""
+    raw = url[len("file://"):]
+    if raw.startswith("localhost/"):
+        raw = raw[len("localhost"):]
+    decoded = url2pathname(raw)
+    return raw if os.path.exists(raw) or not os.path.exists(decoded) else decoded
+
+
+def _source_kind(src: Any, what: str) -> tuple:
+    """(kind, value): kind is "pil", "path", "http" or "data"; rejects other types and schemes."""
+    if isinstance(src, Image.Image):
+        return "pil", src
+    if isinstance(src, os.PathLike):
+        return "path", os.fspath(src)
+    if not isinstance(src, str):
+        accepted = ("a path, file:// or http(s) URL, data URI or PIL image" if what == "image"
+                    else "a path, frame folder, list of frames, file:// or http(s) URL or data URI")
+        raise InputError(f"unsupported {what} input of type {type(src).__name__}; pass {accepted}")
+    if src.startswith("data:"):
+        return "data", src
+    scheme = _url_scheme(src)
+    if scheme in ("http", "https"):
+        return "http", src
+    if scheme == "file":
+        return "path", _file_url_path(src)
+    if scheme is not None:
+        raise MediaError(f"unsupported URL scheme {scheme}:// in {src}; use a local path, "
+                         f"file://, http:// or https:// URL")
+    return "path", os.path.expanduser(src)
+
+
+def _existing_path(path: str, what: str) -> Path:
+    if not os.path.exists(path):
+        raise MediaNotFoundError(f"{what} not found: {path}; check the path")
+    return Path(path)
+
+
+def _data_uri_bytes(uri: str, label: str) -> bytes:
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise MediaError(f"unsupported data URI {label}: only base64 data URIs "
+                         f"(data:<type>;base64,<data>) are supported")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"invalid base64 in data URI {label}: {exc}; re-encode the file") from None
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _open_image(src: Any, label: str, cache_dir: Optional[str], timeout: float) -> Image.Image:
+    kind, value = _source_kind(src, "image")
+    if kind == "pil":
+        return value
+    if kind == "data":
+        return _decode_image(io.BytesIO(_data_uri_bytes(value, label)), label)
+    if kind == "http":
+        if cache_dir is not None:
+            path = _download(value, cache_dir, timeout, progress=False)
+            return _decode_image(path, f"{value} (cached as {path})")
+        return _decode_image(io.BytesIO(_fetch_bytes(value, timeout)), label)
+    path = _existing_path(value, "image file")
+    if path.is_dir():
+        raise MediaError(f"{path} is a folder, not an image; pass an image file "
+                         f"(a folder of frames is a video: use load_video)")
+    return _decode_image(path, label)
+
+
+def _decode_image(source: Any, label: str) -> Image.Image:
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now, so a truncated file fails here and not later
+            return image
+    except QwenVLError:
+        raise
+    except UnidentifiedImageError:  # its text names a BytesIO object: say it plainly
+        raise MediaError(f"cannot decode image {label}: unknown image format; "
+                         f"is it a valid image file?") from None
+    except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, ...)
+        raise MediaError(f"cannot decode image {label}: {_one_line(exc)}; "
+                         f"is it a valid image file?") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited over white (the reference does it for RGBA only).
+    EXIF orientation is left alone, as in the reference pipeline."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
+
+
+def _socket_reason(exc: BaseException) -> str:
+    """The OS reason ("[Errno 111] Connection refused") buried in urllib3's nested messages."""
+    match = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
+    return match.group(0).strip() if match else _one_line(exc)
+
+
+@contextlib.contextmanager
+def _http_errors(url: str, timeout: float) -> Iterator[None]:
+    """requests' exceptions -> one MediaError naming the URL and the likely fix."""
+    try:
+        yield
+    except requests.exceptions.SSLError as exc:
+        raise MediaError(f"cannot fetch {url}: TLS certificate check failed ({_one_line(exc)}); "
+                         f"set REQUESTS_CA_BUNDLE to a CA bundle that trusts the server") from None
+    except requests.exceptions.Timeout:
+        raise MediaError(f"cannot fetch {url}: no response within {timeout:g} s; check the URL "
+                         f"or raise the timeout") from None
+    except requests.exceptions.ConnectionError as exc:
+        raise MediaError(f"cannot fetch {url}: connection failed ({_socket_reason(exc)}); "
+                         f"check the URL and that the server is reachable") from None
+    except requests.exceptions.ChunkedEncodingError as exc:
+        raise MediaError(f"cannot fetch {url}: download interrupted ({_one_line(exc)}); "
+                         f"try again") from None
+    except requests.exceptions.RequestException as exc:
+        raise MediaError(f"cannot fetch {url}: {_one_line(exc)}; check the URL") from None
+
+
+@contextlib.contextmanager
+def _http_get(url: str, timeout: float) -> Iterator[requests.Response]:
+    with requests.get(url, stream=True, timeout=timeout, headers=_HTTP_HEADERS) as response:
+        if response.status_code >= 400:
+            raise MediaError(f"cannot fetch {url}: HTTP {response.status_code} "
+                             f"{response.reason or ''}".rstrip() + "; check the URL")
+        yield response
+
+
+def _check_complete(response: requests.Response, received: int, url: str) -> None:
+    """urllib3 usually catches a short body; this also covers servers it lets through."""
+    expected = response.headers.get("Content-Length")
+    if expected and expected.isdigit() and not response.headers.get("Content-Encoding"):
+        if received != int(expected):
+            raise MediaError(f"cannot fetch {url}: download incomplete ({received} of {expected} "
+                             f"bytes); try again")
+
+
+def _fetch_bytes(url: str, timeout: float) -> bytes:
+    with _http_errors(url, timeout), _http_get(url, timeout) as response:
+        data = response.content
+        _check_complete(response, len(data), url)
+        return data
+
+
+def _cache_name(key: str, suffix: str) -> str:
+    suffix = suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix or "") else ""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] + suffix
+
+
+def _cache_folder(cache_dir: Optional[str]) -> Path:
+    folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use cache_dir {folder}: {_one_line(exc)}; pass a writable "
+                         f"folder") from None
+    return folder
+
+
+def _part_file(folder: Path, target: Path) -> tuple:
+    """A unique temporary file next to `target`: concurrent downloads never share one."""
+    try:
+        return tempfile.mkstemp(dir=folder, prefix=target.name + ".", suffix=".part")
+    except OSError as exc:
+        raise InputError(f"cannot write to cache_dir {folder}: {_one_line(exc)}; pass a "
+                         f"writable folder") from None
+
+
+def _download(url: str, cache_dir: Optional[str], timeout: float, progress: bool) -> Path:
+    """Fetch `url` into the cache once. The body goes to a unique .part file that is renamed
+    only when complete, so a failed or concurrent download never leaves a truncated cache file."""
+    folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
+    target = folder / _cache_name(url, os.path.splitext(urlparse(url).path)[1])
+    if target.is_file():
+        return target
+    handle, part = _part_file(_cache_folder(cache_dir), target)
+    try:
+        with os.fdopen(handle, "wb") as out, _http_errors(url, timeout), \
+                _http_get(url, timeout) as response:
+            received = _stream_to(response, out, url, progress)
+            _check_complete(response, received, url)
+        os.replace(part, target)
+    except BaseException:  # also Ctrl-C: never keep a partial file
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    return target
+
+
+def _stream_to(response: requests.Response, out: Any, url: str, progress: bool) -> int:
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    name = os.path.basename(urlparse(url).path) or url
+    received = 0
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}",
+              file=sys.stderr, disable=not progress, leave=False) as bar:
+        for chunk in response.iter_content(chunk_size=1 << 20):
+            out.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def _video_file(src: Any, cache_dir: Optional[str], timeout: float, progress: bool) -> tuple:
+    """A local path (file or frame folder) for any video source, and its name for messages."""
+    kind, value = _source_kind(src, "video")
+    label = _describe(src)
+    if kind == "pil":
+        raise InputError(f"{label} is a single image, not a video; use load_image, or pass a "
+                         f"list of images / a folder of frames")
+    if kind == "http":
+        path = _download(value, cache_dir, timeout, progress)
+        return path, f"{value} (cached as {path})"
+    if kind == "data":
+        return _data_uri_file(value, label, cache_dir), label
+    return _existing_path(value, "video file or frame folder"), label
+
+
+def _data_uri_file(uri: str, label: str, cache_dir: Optional[str]) -> Path:
+    """Decoders read files, so an inline video is written to the cache (named by content)."""
+    data = _data_uri_bytes(uri, label)
+    mime = uri[5:].split(",", 1)[0].split(";", 1)[0].lower()
+    folder = _cache_folder(cache_dir)
+    target = folder / _cache_name(hashlib.sha256(data).hexdigest(),
+                                  mimetypes.guess_extension(mime) or "")
+    if not target.is_file():
+        handle, part = _part_file(folder, target)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(part, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
+    return target
+
+
+def _decode_video(path: Path, label: str, choose: Callable, backend: str) -> tuple:
+    """(frames [T,H,W,3] uint8, total_frames, fps, indices, backend used): decord first, PyAV
+    when decord is missing or cannot read the file."""
+    readers = [("decord", _read_decord), ("pyav", _read_pyav)]
+    problems = []
+    for name, reader in readers:
+        if backend not in ("auto", name):
+            continue
+        try:
+            return (*reader(path, choose), name)
+        except QwenVLError:  # the file opened; its content is the problem (e.g. one frame)
+            raise
+        except ImportError:
+            problems.append(f"{name} is not installed")
+        except Exception as exc:  # decoders raise RuntimeError, av.FFmpegError, ...
+            problems.append(f"{name}: {_one_line(exc)}")
+    raise MediaError(f"cannot decode video {label}: {'; '.join(problems)}; "
+                     f"is it a valid video file?")
+
+
+def _read_decord(path: Path, choose: Callable) -> tuple:
+    import decord  # optional: PyAV covers for it
+
+    reader = decord.VideoReader(str(path))
+    total, fps = len(reader), float(reader.get_avg_fps())
+    indices = choose(total, fps)
+    return reader.get_batch(indices).asnumpy(), total, fps, indices
+
+
+def _read_pyav(path: Path, choose: Callable) -> tuple:
+    import av  # optional: only needed where decord is missing or fails
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path} has no video stream; is it an audio or image file?")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        # stream.frames is the container's count (what decord reads); 0 when unknown.
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    indices = choose(total, fps)
+    frames, decoded = _pyav_frames(path, indices)
+    if frames is None:
+        # The container promised more frames than it has: sample again from the real count.
+        total = decoded
+        indices = choose(total, fps)
+        frames, _ = _pyav_frames(path, indices)
+    return frames, total, fps, indices
+
+
+def _pyav_frames(path: Path, indices: list) -> tuple:
+    """Decode from the start and keep the wanted frames: (frames or None if some are missing,
+    number of frames decoded)."""
+    import av
+
+    wanted, last, kept, count = set(indices), max(indices), {}, 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if count in wanted:
+                kept[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+            if count > last:
+                break
+    if len(kept) < len(wanted):
+        return None, count
+    return np.stack([kept[i] for i in indices]), count
+
+
+# ----------------------------------------------------------------------------- frame folders
+
+
+def _natural_key(name: str) -> list:
+    # frame_2 before frame_10: compare digit runs as numbers.
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _frame_files(folder: Path) -> list:
+    names = [entry.name for entry in os.scandir(folder) if entry.is_file()
+             and not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower()
+             in IMAGE_EXTS]
+    if not names:
+        raise MediaError(f"frame folder {folder} has no image files "
+                         f"({', '.join(sorted(IMAGE_EXTS))}); add frames or pass a video file")
+    return [str(folder / name) for name in sorted(names, key=_natural_key)]
+
+
+def _load_frame_list(items: list, label: str, fps: float, min_pixels: Optional[float],
+                     max_pixels: Optional[float], total_pixels: float,
+                     max_frames: Optional[int], cache_dir: Optional[str], timeout: float,
+                     timings: dict) -> Video:
+    """Frames given as images, taken as consecutive frames at `fps`. As in the reference, every
+    frame goes through the image rules first, the count is padded to even by repeating the last
+    frame, then the video size rule applies. Beyond max_frames (default 768) frames are sampled
+    with the same linspace rule as videos."""
+    if not items:
+        raise MediaError(f"{label} is empty; give at least one frame")
+    total = len(items)
+    limit = floor_by_factor(max_frames if max_frames is not None else FPS_MAX_FRAMES, FRAME_FACTOR)
+    indices = _linspace_indices(total - 1, limit) if total > limit else list(range(total))
+    start = time.perf_counter()
+    images = [load_image(items[i], min_pixels=min_pixels, max_pixels=max_pixels,
+                         cache_dir=cache_dir, timeout=timeout) for i in indices]
+    _check_same_size(images, [items[i] for i in indices], label)
+    padded = ceil_by_factor(len(indices), FRAME_FACTOR)
+    indices += [indices[-1]] * (padded - len(indices))
+    frames = np.stack([np.asarray(images[min(k, len(images) - 1)]) for k in range(padded)])
+    timings["decode_s"] = time.perf_counter() - start
+    frames, timings["resize_s"] = _resize_video(frames, min_pixels, max_pixels, total_pixels, label)
+    sample_fps = fps if total <= limit else limit / total * fps
+    return Video(frames=frames, sample_fps=sample_fps, source_fps=fps, total_frames=total,
+                 frame_indices=indices, duration_s=total / fps, timings=timings, backend="frames")
+
+
+def _check_same_size(images: list, names: list, label: str) -> None:
+    first = images[0].size
+    for image, name in zip(images, names):
+        if image.size != first:
+            raise MediaError(f"frames in {label} differ in size: {_describe(names[0])} is "
+                             f"{first[0]}x{first[1]} but {_describe(name)} is "
+                             f"{image.size[0]}x{image.size[1]} after resizing; use frames of one "
+                             f"size")

@@ -23,3 +23,7 @@ class MediaNotFoundError(QwenVLError, FileNotFoundError):
 
 class ModelLoadError(QwenVLError, ValueError):
     """A model folder or hub id that does not give a usable checkpoint."""
+
+
+class SessionClosedError(QwenVLError, RuntimeError):
+    """A question to a MediaSession after close(): its KV cache is gone."""

@@ -9,6 +9,8 @@ Notebook:
     m = QwenVLInference(model_name="Qwen/Qwen2.5-VL-3B-Instruct")
     m.inference_image("photo.jpg", "Describe this image")
     m.print_stats()
+    with m.open_video("talk.mp4") as s:      # several questions, one vision encoding and prefill
+        s.ask("Summarise"); s.ask("When is the demo?")
 """
 import argparse
 import json
@@ -16,7 +18,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from errors import InputError, ModelLoadError, QwenVLError
 
@@ -167,6 +170,30 @@ def peak_memory(device: str) -> dict:
             "memory_kind": "process_rss"}
 
 
+# ----------------------------------------------------------------------------- the pipeline's records
+
+@dataclass
+class Prompt:
+    """A chat prompt after the processor: what the prefill needs, and what the stats count."""
+    inputs: dict  # processor output: input_ids [1, L], grids (pixel tensors until the vision encoder ran)
+    ids: List[int]  # input_ids as a list
+    processor_s: float = 0.0
+    embeds: Any = None  # [1, L, H] token embeddings with the vision features in, after _embed_prompt
+    vision_s: float = 0.0
+
+
+@dataclass
+class Answer:
+    """One generated answer and its timings."""
+    text: str
+    token_ids: List[int]  # without the stop token
+    stopped_by: str  # "eos" or "max_tokens"
+    rope_deltas: Any  # continues the mrope positions for text after the prompt
+    prefill_s: float
+    decode_s: float
+    ttft: float  # seconds from the call's start to the first token
+
+
 # ----------------------------------------------------------------------------- the class
 
 class QwenVLInference:
@@ -222,6 +249,39 @@ class QwenVLInference:
 
     def inference_multi_image(self, images: Sequence, prompt: str, *, min_pixels=None, max_pixels=None,
                               **kw) -> str:
+        content, media, pre, extra = self._load_images(images, min_pixels, max_pixels)
+        return self._run(content + [{"type": "text", "text": prompt}], media, pre, extra=extra, **kw)
+
+    def inference_video(self, video, prompt: str, fps: float = 1.0, *, min_pixels=None, max_pixels=None,
+                        max_frames=None, **kw) -> str:
+        """video: file path, http(s) URL, a folder of frame images, or a media.Video already loaded
+        (by media.load_video, e.g. in a prefetch thread; then fps and the pixel limits are its own)."""
+        content, media, pre, extra = self._load_video(video, fps, min_pixels, max_pixels, max_frames)
+        return self._run(content + [{"type": "text", "text": prompt}], media, pre, extra=extra, **kw)
+
+    # -- several questions about the same media: the media prefix is prefilled once
+    def open_video(self, video, fps: float = 1.0, *, conversation: bool = False, min_pixels=None,
+                   max_pixels=None, max_frames=None) -> "session.MediaSession":
+        """A session over one video: `s.ask(question)` any number of times; see session.py.
+
+        The video is loaded now; its vision encoding and prefill happen once, at the first question,
+        and every question reuses them. conversation=True: each question sees the earlier turns.
+        """
+        from session import MediaSession
+
+        content, media, pre, extra = self._load_video(video, fps, min_pixels, max_pixels, max_frames)
+        return MediaSession(self, content, media, pre, extra, conversation=conversation, kind="video")
+
+    def open_images(self, images: Sequence, *, conversation: bool = False, min_pixels=None,
+                    max_pixels=None) -> "session.MediaSession":
+        """A session over one or more images, as open_video."""
+        from session import MediaSession
+
+        content, media, pre, extra = self._load_images(images, min_pixels, max_pixels)
+        return MediaSession(self, content, media, pre, extra, conversation=conversation, kind="images")
+
+    # -- media loading: -> (content placeholders, processor media, preprocessing timings, stats extra)
+    def _load_images(self, images: Sequence, min_pixels, max_pixels):
         from generation import Timer
         from media import load_image
 
@@ -231,71 +291,117 @@ class QwenVLInference:
             pil = [load_image(im, min_pixels=min_pixels or self.min_pixels,
                               max_pixels=max_pixels or self.max_pixels, cache_dir=self._media_cache())
                    for im in images]
-        content = [{"type": "image"} for _ in pil] + [{"type": "text", "text": prompt}]
-        return self._run(content, {"images": pil}, {"fetch_decode_resize_s": t.s}, **kw)
+        return [{"type": "image"} for _ in pil], {"images": pil}, {"fetch_decode_resize_s": t.s}, {}
 
-    def inference_video(self, video, prompt: str, fps: float = 1.0, *, min_pixels=None, max_pixels=None,
-                        max_frames=None, **kw) -> str:
-        """video: file path, http(s) URL, a folder of frame images, or a media.Video already loaded
-        (by media.load_video, e.g. in a prefetch thread; then fps and the pixel limits are its own)."""
+    def _load_video(self, video, fps, min_pixels, max_pixels, max_frames):
         from media import Video, load_video
 
         v = video if isinstance(video, Video) else load_video(
             video, fps=fps, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels,
             max_frames=max_frames, cache_dir=self._media_cache(), progress=self.verbose)
-        content = [{"type": "video"}, {"type": "text", "text": prompt}]
         pre = {k: v.timings[k] for k in v.timings}
         extra = {"frames": int(v.frames.shape[0]), "frame_size": [int(v.frames.shape[1]), int(v.frames.shape[2])],
                  "sample_fps": float(v.sample_fps), "video_duration_s": float(v.duration_s)}
-        return self._run(content, {"videos": [v.frames], "fps": v.sample_fps}, pre, extra=extra, **kw)
+        return [{"type": "video"}], {"videos": [v.frames], "fps": v.sample_fps}, pre, extra
 
-    # -- the one pipeline behind all entry points
-    def _run(self, content, media, pre_timings, *, extra=None, max_tokens: int = 512, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-             stream: Union[bool, Callable[[str], None]] = False) -> str:
-        from generation import GenerationOptions, TextStream, Timer, decode, prefill
+    # -- the one pipeline behind all entry points (sessions use the same steps, see session.py):
+    #    _prepare (chat template, processor, context check) -> _embed_prompt (vision encoder)
+    #    -> _answer (positions, prefill, decode, stream) -> _collect_stats
+    def _run(self, content, media, pre_timings, *, extra=None, stream: Union[bool, Callable[[str], None]] = False,
+             **gen) -> str:
+        """One question, cold: the whole prompt prefilled into a fresh cache."""
+        self._check_prompt(content[-1]["text"])
+        opts = self._options(gen)
+        self._start_call()
+        t_start = time.perf_counter()
+        prompt = self._prepare(self._chat_text(content), media)
+        self._embed_prompt(prompt)
+        self.attention.reset()
+        cache = self._new_cache()
+        ans = self._answer(prompt.embeds, lambda: self._positions(prompt.inputs), cache, prompt.ids, opts,
+                           stream, t_start)
+        del cache
+        self.last_token_ids, self.last_media = ans.token_ids, media
+        self.stats = self._collect_stats(prompt.ids, pre_timings, {"processor_s": prompt.processor_s},
+                                         prompt.vision_s, ans, extra or {})
+        return ans.text
+
+    def _check_prompt(self, text):
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the prompt is empty: say what you want to know, e.g. --prompt 'Describe this image'")
+
+    def _options(self, gen: dict) -> "generation.GenerationOptions":
+        """max_tokens, temperature, top_p, top_k, repetition_penalty, seed -> validated options."""
+        from generation import GenerationOptions
         import paddle
 
-        if not isinstance(content[-1]["text"], str) or not content[-1]["text"].strip():
-            raise InputError("the prompt is empty: say what you want to know, e.g. --prompt 'Describe this image'")
-        opts = GenerationOptions(max_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        opts = GenerationOptions(**gen)
         opts.validate()
-        if seed is not None:
-            paddle.seed(seed)
+        if opts.seed is not None:
+            paddle.seed(opts.seed)
+        return opts
+
+    def _start_call(self):
+        import paddle
+
         if self.device == "gpu":
             paddle.device.cuda.reset_max_memory_allocated()
-        t_start = time.perf_counter()
-        with Timer() as t_proc:
-            inputs = self._encode(content, media)
+
+    def _new_cache(self):
+        from paddleformers.transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=self.model.config.text_config)
+
+    def _chat_text(self, content, history=()) -> str:
+        """The chat template as text: the user turn `content` (media placeholders, text) and the
+        generation prompt; `history` is earlier messages in front of it."""
+        messages = list(history) + [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _prepare(self, text: str, media) -> "Prompt":
+        """Processor over the chat text (media placeholders expanded), then the context check."""
+        from generation import Timer
+
+        with Timer() as t:
+            inputs = self._encode_text(text, media)
         n_in = inputs["input_ids"].shape[1]
         if n_in + 1 > self.max_context:
             raise InputError(f"media plus prompt is {n_in} tokens, over the model's context of {self.max_context}: "
                              "lower --fps or --max-pixels")
-        with Timer() as t_vis:
-            embeds = self._embed(inputs)
-        self.attention.reset()
-        from paddleformers.transformers.cache_utils import DynamicCache
-        cache = DynamicCache(config=self.model.config.text_config)
+        return Prompt(inputs, inputs["input_ids"][0].tolist(), processor_s=t.s)
+
+    def _embed_prompt(self, prompt: "Prompt"):
+        """Run the vision encoder once: prompt.embeds; the pixel tensors are dropped afterwards."""
+        from generation import Timer
+
+        with Timer() as t:
+            prompt.embeds = self._embed(prompt.inputs)
+        prompt.vision_s = t.s
+        for key in ("pixel_values", "pixel_values_videos"):
+            prompt.inputs.pop(key, None)
+
+    def _answer(self, embeds, positions, cache, seen: List[int], opts, stream, t_start: float) -> "Answer":
+        """Prefill `embeds` (the tokens after those already in `cache`) at `positions()` -> (pos,
+        rope_deltas), then decode until a stop token or max_tokens, streaming the text."""
+        from generation import TextStream, Timer, decode, prefill
+
         callback = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream is True else (stream or None)
         text_stream = TextStream(self.tokenizer, callback)
         with Timer() as t_pre:
-            pos, rope_deltas = self._positions(inputs)
+            pos, rope_deltas = positions()
             logits = prefill(self.model, embeds, pos, cache)
         ttft = time.perf_counter() - t_start
         with Timer() as t_dec:
             out_ids, stopped_by = decode(self.model, logits, cache, rope_deltas, self.stop_ids, opts, text_stream,
-                                         inputs["input_ids"][0].tolist())
+                                         seen)
         text = text_stream.end()
-        del cache
-        self.last_token_ids, self.last_media = out_ids, media
-        self.stats = self._collect_stats(inputs, pre_timings, t_proc.s, t_vis.s, t_pre.s, t_dec.s, ttft,
-                                         len(out_ids), stopped_by, extra or {})
-        return text
+        return Answer(text, out_ids, stopped_by, rope_deltas, t_pre.s, t_dec.s, ttft)
 
     def _encode(self, content, media) -> dict:
         """Chat template + processor: token ids with the media placeholders expanded, pixel tensors."""
-        messages = [{"role": "user", "content": content}]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._encode_text(self._chat_text(content), media)
+
+    def _encode_text(self, text: str, media) -> dict:
         # media.py already sampled and resized (multiples of 28 within the pixel limits): the
         # processor must not resize or sample again.
         kw = {"text": [text], "return_tensors": "pd", "do_resize": False}
@@ -323,6 +429,12 @@ class QwenVLInference:
             embeds = embeds.masked_scatter(mask, feats)
         return embeds
 
+    def _embed_ids(self, ids: List[int]) -> "paddle.Tensor":
+        """Embeddings [1, n, H] of text tokens (no media placeholders among them)."""
+        import paddle
+
+        return self.model.get_input_embeddings()(paddle.to_tensor([ids], dtype="int64"))
+
     def _positions(self, inputs):
         """3-D mrope positions [3, B, L] and the delta that continues them for generated text."""
         pos, deltas = self.model.model.get_rope_index(
@@ -330,24 +442,27 @@ class QwenVLInference:
             second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs.get("attention_mask"))
         return pos, deltas
 
-    def _collect_stats(self, inputs, pre, proc_s, vis_s, prefill_s, decode_s, ttft, n_out, stopped_by, extra):
-        ids = inputs["input_ids"][0]
-        n_img = int((ids == self.model.config.image_token_id).sum())
-        n_vid = int((ids == self.model.config.video_token_id).sum())
-        n_all = int(ids.shape[0])
+    def _collect_stats(self, ids: List[int], pre: dict, proc: dict, vis_s: float, ans: "Answer", extra: dict):
+        """The stats dict of one answer. pre: media timings; proc: this call's own preprocessing steps."""
+        import numpy as np
+
+        arr = np.asarray(ids)
+        n_img = int((arr == self.model.config.image_token_id).sum())
+        n_vid = int((arr == self.model.config.video_token_id).sum())
+        n_all, n_out, decode_s = int(arr.shape[0]), len(ans.token_ids), ans.decode_s
         stats = {
             "model": self.model_name, "device": self.device, "dtype": self.dtype,
             "model_load_s": self.load_s,
-            "preprocess_s": sum(pre.values()) + proc_s, "preprocess": {**pre, "processor_s": proc_s},
+            "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
             "vision_encoder_s": vis_s,
-            "prefill_s": prefill_s,
-            "time_to_first_token_s": ttft,
+            "prefill_s": ans.prefill_s,
+            "time_to_first_token_s": ans.ttft,
             "decode_s": decode_s,
             # the first output token comes from the prefill; decoding makes the rest
             "decode_tokens_per_s": (max(n_out - 1, 0) / decode_s) if decode_s > 0 and n_out > 1 else None,
             "input_tokens": {"text": n_all - n_img - n_vid, "image": n_img, "video": n_vid, "total": n_all},
             "output_tokens": n_out,
-            "stopped_by": stopped_by,
+            "stopped_by": ans.stopped_by,
             **peak_memory(self.device),
             **extra,
         }
@@ -377,7 +492,7 @@ def format_stats(s: dict) -> str:
         f"model           {s['model']} on {s['device']} ({s['dtype']})",
         f"model load      {s['model_load_s']:.2f} s",
         f"preprocess      {s['preprocess_s']:.3f} s  ({', '.join(f'{k} {v:.3f}' for k, v in s['preprocess'].items())})",
-        f"vision encoder  {s['vision_encoder_s']:.3f} s",
+        f"vision encoder  {s['vision_encoder_s']:.3f} s" + ("  (media reused)" if s.get("reuse", {}).get("hit") else ""),
         f"prefill         {s['prefill_s']:.3f} s  (time to first token {s['time_to_first_token_s']:.3f} s)",
         f"decode          {rate}",
         f"input tokens    {tok['total']}  (text {tok['text']}, image {tok['image']}, video {tok['video']})",
@@ -387,9 +502,33 @@ def format_stats(s: dict) -> str:
     if "frames" in s:
         lines.append(f"video           {s['frames']} frames of {s['frame_size'][0]}x{s['frame_size'][1]} "
                      f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s")
+    if "reuse" in s:
+        lines.append(format_reuse(s["reuse"]))
     if "psa" in s:
         lines.append(format_psa(s["psa"]))
     return "\n".join(lines)
+
+
+def format_reuse(r: dict) -> str:
+    cached = (f"{r['cached_prefix_tokens']} of the {r['prefix_tokens']} prefix tokens"
+              if r["cached_prefix_tokens"] != r["prefix_tokens"] else f"the {r['prefix_tokens']} prefix tokens")
+    if not r["hit"]:
+        return (f"reuse           question {r['question']} ({r['mode']}): prefilled {cached} once for the "
+                "questions after it")
+    return (f"reuse           question {r['question']} ({r['mode']}): reused {cached}, prefilled "
+            f"{r['prefilled_tokens']}; saved {r['time_saved_s']:.3f} s (vision encoder + prefix prefill)")
+
+
+def format_session_stats(s: dict) -> str:
+    """A session's totals (MediaSession.stats), one per line."""
+    cached = f" ({s['cached_prefix_tokens']} cached)" if s["cached_prefix_tokens"] != s["prefix_tokens"] else ""
+    return "\n".join([
+        "---- session ----",
+        f"questions       {s['questions']} about the {s['media']} ({s['mode']}), reuse hits {s['reuse_hits']}",
+        f"media prefix    {s['prefix_tokens']} tokens{cached}, paid once: preprocess {s['preprocess_s']:.3f} s, "
+        f"vision encoder {s['vision_encoder_s']:.3f} s, prefill {s['prefix_prefill_s']:.3f} s",
+        f"time saved      {s['time_saved_s']:.3f} s against cold prefills (plus preprocessing the media again)",
+    ])
 
 
 def format_psa(p: dict) -> str:
@@ -491,8 +630,31 @@ def collect_prompts(args, kind: str) -> List[str]:
 
 
 def run_questions(model, args, kind, prompts, gen) -> int:
-    """Several questions about one input: the media prefix is prefilled once (see session.py)."""
-    raise InputError("several prompts are not supported yet: pass one --prompt")
+    """Several questions about one input: the media prefix is prefilled once (see session.py).
+
+    Each question is printed as a header line, its answer follows (streamed unless --no-stream),
+    its stats go to stderr; the session's totals come last. --json: one object
+    {"answers": [{"prompt", "answer", "stats"}...], "session": {...}} and nothing else."""
+    if kind == "video":
+        session = model.open_video(args.input[0], fps=args.fps, max_frames=args.max_frames,
+                                   conversation=args.conversation)
+    else:
+        session = model.open_images(args.input, conversation=args.conversation)
+    with session:
+        for i, prompt in enumerate(prompts, 1):
+            if not args.json:
+                print(f"### question {i}/{len(prompts)}: {prompt}", flush=True)
+            answer = session.ask(prompt, **gen)
+            if not args.json:
+                print("" if gen["stream"] else answer, flush=True)
+                print(format_stats(model.stats), file=sys.stderr, flush=True)
+        summary = session.stats
+    if args.json:
+        answers = [{"prompt": t["prompt"], "answer": t["answer"], "stats": t["stats"]} for t in session.turns]
+        print(json.dumps({"answers": answers, "session": summary}, ensure_ascii=False))
+    else:
+        print(format_session_stats(summary), file=sys.stderr)
+    return 0
 
 
 def run_cli(args) -> int:
@@ -508,6 +670,9 @@ def run_cli(args) -> int:
     if kind == "video" and len(args.input) != 1:
         raise InputError(f"--type video takes one --input, got {len(args.input)}")
     prompts = collect_prompts(args, kind)
+    for i, p in enumerate(prompts, 1):
+        if len(prompts) > 1 and not p.strip():
+            raise InputError(f"prompt {i} of {len(prompts)} is empty: say what you want to know")
     psa_cfg = psa_config_from_args(args)
     model = QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_cfg,
                             cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,

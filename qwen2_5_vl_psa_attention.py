@@ -13,9 +13,10 @@ The router also fixes dense prefill that continues a KV cache (a question after 
 Paddle's `is_causal` aligns the causal mask to the top-left, which is only right when the query
 and key lengths are equal, so such calls get an explicit offset-causal mask here.
 """
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import paddle
 import paddle.nn.functional as F
@@ -152,6 +153,29 @@ def remove_psa(model):
     if state is not None:
         cfg._attn_implementation = state.base_impl
         del cfg._psa_state
+
+
+def reusable_prefix(config: Optional[AttentionConfig], prefix_len: int) -> Tuple[int, Optional[AttentionConfig]]:
+    """(n, cfg): prefill the first n tokens of a prompt prefix once, with `cfg`, and cache them;
+    any continuation prefilled after them (the rest of the prefix, then a question) then gets the
+    attention of one prefill over the whole prompt (identical logits in tests/test_session.py).
+
+    Dense attention: n = prefix_len. PSA decides per query block from the whole prompt: the last
+    `text_length` tokens are forced to full resolution (in a one-shot prefill they are the
+    question and the tail of the prefix), and a block that straddles the split point would see a
+    different importance estimate. So n stops at a block boundary ceil(text_length / BLK) blocks
+    before the prefix's last whole block, and those n tokens are prefilled without forced text
+    rows (a one-shot prefill forces none of them either); the few hundred prefix tokens after n
+    are prefilled again with each question. A one-shot prefill uses PSA when the whole prompt
+    reaches min_seq_len, the cached part when the prefix does: only a question that carries the
+    prompt across min_seq_len gets a (slightly) different attention than its cold run.
+    """
+    if config is None:
+        return prefix_len, None
+    blk = config.query_block
+    n = blk * max(0, prefix_len // blk - math.ceil(config.text_length / blk))
+    cfg = dataclasses.replace(config, text_length=0, min_seq_len=max(0, config.min_seq_len - (prefix_len - n)))
+    return n, cfg
 
 
 def _check_layers_share(model, cfg):

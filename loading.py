@@ -1,0 +1,151 @@
+"""Finding, checking and loading a Qwen2.5-VL checkpoint: device, dtype, hub download, processor."""
+import json
+import os
+import warnings
+from typing import Callable, List
+
+from errors import InputError, ModelLoadError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+HUBS = ("huggingface", "modelscope", "aistudio")
+# What a model folder must hold to be loadable; the rest (tokenizer, processor) is checked on load.
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+
+
+def pick_device_and_dtype(requested: str, warn: Callable[[str], None]) -> (str, str):
+    """GPU when Paddle has one, else CPU; bfloat16 falls back where the hardware lacks it."""
+    import paddle
+
+    if requested not in ("bfloat16", "float16", "float32"):
+        raise InputError(f"--dtype must be bfloat16, float16 or float32, got {requested!r}")
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        paddle.set_device("gpu")
+        if requested == "bfloat16" and not paddle.amp.is_bfloat16_supported():
+            warn("this GPU has no bfloat16; using float16")
+            return "gpu", "float16"
+        return "gpu", requested
+    paddle.set_device("cpu")
+    if requested != "float32":
+        warn(f"no GPU found: running on the CPU in float32 (not {requested}); this is slow for real models")
+    return "cpu", "float32"
+
+
+def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
+    """A local folder as is; a hub id is downloaded (or found) under cache_dir first."""
+    if os.path.isdir(model):
+        check_model_dir(model)
+        return model
+    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"model {model!r} is neither a folder nor a hub id like Qwen/Qwen2.5-VL-3B-Instruct")
+    if hub not in HUBS:
+        raise InputError(f"--hub must be one of {', '.join(HUBS)}, got {hub!r}")
+    try:
+        if hub == "huggingface":
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(model, cache_dir=cache_dir, allow_patterns=list(WEIGHT_PATTERNS))
+        elif hub == "modelscope":
+            from modelscope import snapshot_download
+            path = snapshot_download(model, cache_dir=cache_dir)
+        else:
+            from aistudio_sdk.snapshot_download import snapshot_download
+            path = snapshot_download(repo_id=model, cache_dir=cache_dir)
+    except Exception as e:  # network, auth, unknown repo: all the user's to fix
+        raise ModelLoadError(f"cannot download {model!r} from {hub}: {type(e).__name__}: {str(e)[:200]} "
+                             f"(check the id and your network, or pass a local folder with --model)") from e
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: str):
+    names = set(os.listdir(path))
+    if "config.json" not in names:
+        raise ModelLoadError(f"model folder {path} has no config.json: point --model at a Qwen2.5-VL checkpoint "
+                             "folder in the Hugging Face layout")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ModelLoadError(f"model folder {path} has no *.safetensors weights: download the checkpoint "
+                             "completely (or run python -m tools.make_tiny_checkpoint DIR to try without one)")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from e
+    if model_type != "qwen2_5_vl":
+        raise ModelLoadError(f"model folder {path} holds a {model_type!r} model, not qwen2_5_vl")
+
+
+def writable_model_dir(path: str, cache_dir: str) -> str:
+    """paddleformers writes a metadata file next to the weights; mirror read-only folders by links."""
+    if os.access(path, os.W_OK):
+        return path
+    mirror = os.path.join(cache_dir, "mirrors", os.path.abspath(path).strip("/").replace("/", "__"))
+    os.makedirs(mirror, exist_ok=True)
+    for name in os.listdir(path):
+        link = os.path.join(mirror, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(os.path.abspath(path), name), link)
+    return mirror
+
+
+def quiet_libraries(verbose: bool):
+    """paddleformers and the checkpoint loader log every step at INFO; users want the answer."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    if not verbose:
+        warnings.filterwarnings("ignore")
+    import paddleformers  # noqa: F401  (importing it creates its loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] not in ("__main__", "infer_qwen2_5_vl_psa", "corpus"):
+            logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def load_model_and_processor(path: str, dtype: str, device: str):
+    import paddle
+    from paddleformers.transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig.from_pretrained(path)
+    if device == "cpu":  # the fused RMSNorm kernel exists only for GPUs
+        for c in (cfg, cfg.text_config, cfg.vision_config):
+            c.fuse_rms_norm = False
+    attn = "sdpa" if device == "gpu" else "eager"
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=cfg, convert_from_hf=True,
+                                                                   dtype=dtype)
+        # use_fast=False: the slow processor resizes with PIL bicubic, as the model was trained.
+        processor = AutoProcessor.from_pretrained(path, use_fast=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {str(e)[:300]}") from e
+    model.eval()
+    paddle.set_grad_enabled(False)
+    return model, processor
+
+
+def stop_token_ids(path: str, model, tokenizer) -> List[int]:
+    """<|im_end|> and <|endoftext|> plus whatever generation_config.json / config.json name."""
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            continue
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def peak_memory(device: str) -> dict:
+    import paddle
+
+    if device == "gpu":
+        return {"peak_memory_mb": paddle.device.cuda.max_memory_allocated() / 2**20, "memory_kind": "gpu_allocator"}
+    import resource
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "memory_kind": "process_rss"}

@@ -497,6 +497,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
+    quiet_libraries(verbose=not args.json)  # before media.py imports paddleformers
     from psa_paddle import ConfigError
 
     try:

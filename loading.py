@@ -91,9 +91,13 @@ def quiet_libraries(verbose: bool):
     import logging
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
     os.environ.setdefault("GLOG_minloglevel", "2")
     if not verbose:
         warnings.filterwarnings("ignore")
+    # paddleformers warns at import that it hides PyTorch from transformers: true, and not the
+    # user's concern. A filter survives the level its logger sets when it is created.
+    logging.getLogger("PaddleFormers").addFilter(lambda r: "between PaddlePaddle and PyTorch" not in r.getMessage())
     import paddleformers  # noqa: F401  (importing it creates its loggers)
 
     for name in list(logging.root.manager.loggerDict):

@@ -1,0 +1,298 @@
+"""How a Triton launch finds the device and the current stream of the host framework.
+
+This is the only module that knows about it. The kernels in ``triton_attention`` and
+``triton_estimate`` never call ``kernel[grid](...)`` directly; they call :func:`launch`, which
+
+* on a GPU, reads the device index and the raw ``cudaStream_t`` of the framework that owns the
+  tensors (Paddle: ``paddle.device.current_stream(place)``; PyTorch, used by the GPU bench:
+  ``torch.cuda.current_stream``), and makes Triton's ``JITFunction.run`` use exactly those two
+  values for this one launch. Triton asks ``driver.active.get_current_device()`` and
+  ``driver.active.get_current_stream(device)`` on every launch; in a process without PyTorch its
+  CUDA driver answers with the device's *default* stream, while Paddle runs its kernels on its
+  own current stream. We therefore pin both answers for the duration of the launch
+  (:func:`pinned_launch_target`), then restore whatever the driver had.
+* in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests) launches directly: there is no
+  stream.
+
+It also holds the small host-array helpers the wrappers need (allocate on the tensor's device,
+strides, contiguity) so that the kernels' modules never import a framework, and
+:func:`install_interpreter_shim`, which lets the interpreter take Paddle CPU tensors. The shim is
+only ever applied by the caller (tests), never at import.
+
+The product never imports ``torch``: PyTorch tensors are only recognised through
+``sys.modules`` (they can only exist if the caller imported torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+
+__all__ = [
+    "interpreting",
+    "prepare_triton",
+    "device_and_stream",
+    "raw_stream_handle",
+    "pinned_launch_target",
+    "launch",
+    "install_interpreter_shim",
+    "framework_of",
+    "empty",
+    "zeros",
+    "full",
+    "strides",
+    "to_device",
+    "device_key",
+    "ensure_last_dim_contiguous",
+]
+
+_PIN_LOCK = threading.RLock()
+_MISSING = object()
+_COMPAT_DONE = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def prepare_triton() -> None:
+    """Call before the first ``import triton`` of the product.
+
+    With a CUDA build of Paddle >= 3.2 and no PyTorch in the process, route Triton's internal
+    ``import torch`` to Paddle (``paddle.enable_compat(scope={"triton"})``). That is how Triton
+    finds Paddle's device API. The stream is pinned explicitly anyway (see :func:`launch`), so
+    this is belt and braces, not the only line of defence. Idempotent; never raises.
+    """
+    global _COMPAT_DONE
+    if _COMPAT_DONE or interpreting() or "torch" in sys.modules:
+        return
+    _COMPAT_DONE = True
+    paddle = sys.modules.get("paddle")
+    if paddle is None:
+        try:
+            import paddle  # noqa: F811
+        except ImportError:
+            return
+    try:
+        if not paddle.is_compiled_with_cuda():
+            return
+        enable = getattr(paddle, "enable_compat", None)
+        if enable is not None:
+            enable(scope={"triton"}, silent=True)
+    except Exception:  # an older Paddle without the compat layer: the explicit pin still works
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# framework detection and host-array helpers
+# --------------------------------------------------------------------------------------------
+
+def framework_of(t) -> str:
+    """'torch' or 'paddle' for a tensor object."""
+    mod = type(t).__module__.split(".")[0]
+    if mod == "torch":
+        return "torch"
+    if mod == "paddle":
+        return "paddle"
+    raise TypeError(f"unsupported tensor type {type(t)!r}")
+
+
+def _paddle():
+    import paddle
+
+    return paddle
+
+
+def _torch():
+    # reached only for torch tensors, so torch is already imported by the caller
+    return sys.modules["torch"]
+
+
+def _dtype(like, name):
+    if name is None:
+        return like.dtype
+    if framework_of(like) == "torch":
+        return getattr(_torch(), name)
+    return name  # paddle accepts dtype strings
+
+
+def empty(like, shape, dtype: str | None = None):
+    """Uninitialised tensor on ``like``'s device (dtype name like 'int32', or like's dtype)."""
+    shape = [int(s) for s in shape]
+    if framework_of(like) == "torch":
+        return _torch().empty(shape, dtype=_dtype(like, dtype), device=like.device)
+    return _paddle().empty(shape, dtype=_dtype(like, dtype), device=like.place)
+
+
+def zeros(like, shape, dtype: str | None = None):
+    shape = [int(s) for s in shape]
+    if framework_of(like) == "torch":
+        return _torch().zeros(shape, dtype=_dtype(like, dtype), device=like.device)
+    return _paddle().zeros(shape, dtype=_dtype(like, dtype), device=like.place)
+
+
+def full(like, shape, value, dtype: str | None = None):
+    shape = [int(s) for s in shape]
+    if framework_of(like) == "torch":
+        return _torch().full(shape, value, dtype=_dtype(like, dtype), device=like.device)
+    return _paddle().full(shape, value, dtype=_dtype(like, dtype), device=like.place)
+
+
+def to_device(like, array):
+    """A host numpy array copied to ``like``'s device (a small, cached table; no device sync)."""
+    if framework_of(like) == "torch":
+        return _torch().as_tensor(array, device=like.device)
+    return _paddle().to_tensor(array, place=like.place)
+
+
+def device_key(t) -> str:
+    return str(t.device) if framework_of(t) == "torch" else str(t.place)
+
+
+def strides(t):
+    """Element strides as a tuple of ints (both frameworks expose ``stride()``)."""
+    return tuple(int(s) for s in t.stride())
+
+
+def ensure_last_dim_contiguous(t):
+    if t.shape[-1] != 1 and int(t.stride()[-1]) != 1:
+        return t.contiguous()
+    return t
+
+
+def dtype_name(t) -> str:
+    return str(t.dtype).split(".")[-1]
+
+
+def is_gpu(t) -> bool:
+    if framework_of(t) == "torch":
+        return t.device.type == "cuda"
+    return bool(t.place.is_gpu_place())
+
+
+# --------------------------------------------------------------------------------------------
+# device and stream
+# --------------------------------------------------------------------------------------------
+
+def raw_stream_handle(stream) -> int:
+    """The ``cudaStream_t`` (as int) of a framework stream object.
+
+    Accepts a PyTorch ``torch.cuda.Stream`` (``.cuda_stream``), a Paddle
+    ``paddle.device.Stream`` (``.stream_base.cuda_stream`` / ``.raw_stream``), a bare Paddle
+    ``core.CUDAStream`` (``.cuda_stream``) or an int.
+    """
+    if isinstance(stream, int):
+        return stream
+    for owner in (stream, getattr(stream, "stream_base", None)):
+        if owner is None:
+            continue
+        for attr in ("cuda_stream", "raw_stream"):
+            h = getattr(owner, attr, None)
+            if h is not None:
+                return int(h)
+    cs = getattr(stream, "__cuda_stream__", None)
+    if cs is not None:
+        return int(cs()[1])
+    raise TypeError(f"cannot read a raw CUDA stream handle from {stream!r}")
+
+
+def device_and_stream(t) -> tuple[int, int]:
+    """(device index, raw current stream) of the framework that owns tensor ``t``."""
+    if framework_of(t) == "torch":
+        torch = _torch()
+        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return int(idx), int(torch.cuda.current_stream(idx).cuda_stream)
+    paddle = _paddle()
+    idx = int(t.place.gpu_device_id())
+    return idx, raw_stream_handle(paddle.device.current_stream(paddle.CUDAPlace(idx)))
+
+
+@contextlib.contextmanager
+def pinned_launch_target(drv, device: int, stream: int):
+    """Make ``drv.get_current_device()`` / ``drv.get_current_stream(d)`` answer (device, stream).
+
+    ``drv`` is Triton's active driver (``triton.runtime.driver.active``), whose two getters
+    are plain attributes (set in its ``__init__``) that ``JITFunction.run`` calls at every
+    launch. If the real current device differs, it is switched for the launch (module loading
+    goes to the current context) and switched back.
+    """
+    with _PIN_LOCK:
+        saved = {n: drv.__dict__.get(n, _MISSING) for n in ("get_current_device", "get_current_stream")}
+        real_dev = drv.get_current_device()
+        switched = int(real_dev) != int(device)
+        if switched:
+            drv.set_current_device(device)
+        drv.get_current_device = lambda: device
+        drv.get_current_stream = lambda idx=None: stream
+        try:
+            yield
+        finally:
+            for n, val in saved.items():
+                if val is _MISSING:
+                    drv.__dict__.pop(n, None)
+                else:
+                    setattr(drv, n, val)
+            if switched:
+                drv.set_current_device(real_dev)
+
+
+def _active_driver():
+    from triton.runtime import driver
+
+    return driver.active
+
+
+def launch(kernel, grid, *args, _driver=None, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` on the device and current stream of the first tensor arg."""
+    if interpreting():
+        return kernel[grid](*args, **kwargs)
+    tensor = next((a for a in args if hasattr(a, "data_ptr") and hasattr(a, "dtype")), None)
+    if tensor is None:
+        raise ValueError("launch needs at least one tensor argument")
+    device, stream = device_and_stream(tensor)
+    drv = _driver if _driver is not None else _active_driver()
+    with pinned_launch_target(drv, device, stream):
+        return kernel[grid](*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# interpreter shim (tests only)
+# --------------------------------------------------------------------------------------------
+
+def install_interpreter_shim() -> None:
+    """Let ``TRITON_INTERPRET=1`` kernels take Paddle CPU tensors.
+
+    The interpreter copies every tensor argument to a host copy through PyTorch's storage API
+    (``untyped_storage``), which Paddle tensors lack. Paddle CPU tensors already live on the
+    host, so for launches that carry a Paddle tensor we skip the copy in and the copy back.
+    Launches with other tensors keep the interpreter's own behaviour. Idempotent.
+    """
+    from triton.runtime import interpreter as _interp
+
+    ge = _interp.GridExecutor
+    if getattr(ge, "_psa_shim", False):
+        return
+    orig_init, orig_restore = ge._init_args_hst, ge._restore_args_dev
+
+    def _has_paddle(args, kwargs):
+        for a in list(args) + list(kwargs.values()):
+            if type(a).__module__.split(".")[0] == "paddle":
+                return True
+        return False
+
+    def _init_args_hst(self, args_dev, kwargs):
+        if _has_paddle(args_dev, kwargs):
+            return list(args_dev), dict(kwargs)
+        return orig_init(self, args_dev, kwargs)
+
+    def _restore_args_dev(self, args_dev, args_hst, kwargs, kwargs_hst):
+        if _has_paddle(args_dev, kwargs):
+            return None
+        return orig_restore(self, args_dev, args_hst, kwargs, kwargs_hst)
+
+    ge._init_args_hst = _init_args_hst
+    ge._restore_args_dev = _restore_args_dev
+    ge._psa_shim = True

@@ -119,7 +119,9 @@ def _softmax_av(logits, values, qshape):
     vv = paddle.concat(values, axis=2)
     mx = s.max(axis=-1, keepdim=True)
     mx = paddle.where(paddle.isinf(mx), paddle.zeros_like(mx), mx)
-    p = paddle.exp(s - mx)  # exp(-inf) = 0 for masked keys
+    # Masked keys are zeroed explicitly: Paddle's CPU exp(-inf) is 2.9e-39, not 0, which turns a
+    # row that sees no key into a uniform average instead of zeros.
+    p = paddle.where(paddle.isinf(s), paddle.zeros_like(s), paddle.exp(s - mx))
     den = p.sum(axis=-1, keepdim=True)
     return paddle.matmul(p, vv) / paddle.where(den > 0, den, paddle.ones_like(den))
 

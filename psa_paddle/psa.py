@@ -138,6 +138,8 @@ def _import_triton(name: str):
     try:
         if name == "attention":
             from .triton_attention import pyramid_attention_triton as fn
+        elif name == "dense":
+            from .triton_attention import dense_attention_triton as fn
         else:
             from .triton_estimate import estimate_levels_triton as fn
         return fn
@@ -259,12 +261,23 @@ def _psa_padded(q, k, v, cfg, key_mask, scale, call, timed):
     return paddle.concat(outs, axis=0)
 
 
+def _dense(q, k, v, cfg, q_offset, scale):
+    """Below min_seq_len: the dense Triton kernel where PSA would use Triton (0.7x FA2 on an
+    H200, bench/RESULTS.md), else plain Paddle."""
+    if q.shape[2] > 0 and _wants_triton(cfg, q.place):
+        fn = _import_triton("dense")
+        out = fn and _try_triton(cfg, "dense attention", fn, q, k, v, q_offset, scale)
+        if out is not None:
+            return out
+    return dense_causal_attention(q, k, v, q_offset, scale)
+
+
 def _psa_one(q, k, v, cfg, q_offset, scale, call, timed):
     """Unpadded PSA (or dense below min_seq_len); adds this run's numbers to `call`."""
     Lq, Lk = q.shape[2], k.shape[2]
     clock = _Clock(timed, q.place)
     if Lq == 0 or Lk < cfg.min_seq_len:
-        out = dense_causal_attention(q, k, v, q_offset, scale)
+        out = _dense(q, k, v, cfg, q_offset, scale)
         call.backend = call.backend or "dense"
         call.t_attention += clock.lap()
         return out

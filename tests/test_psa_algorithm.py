@@ -284,6 +284,18 @@ def test_one_block_at_level_two():
     assert np.abs(out[blk:] - dense[blk:]).max() > 1e-3
 
 
+def test_query_that_sees_no_key_gets_zeros():
+    """Only the diagonal block, pooled 2x: query 0 sees no whole pair yet, so its output is 0
+    (the Triton kernel and the numpy reference agree); query 1 sees exactly the first pair."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 1, 128, 16)) for _ in range(3))
+    lv = np.array([[[[2, 0], [1, 1]]]], np.int8)
+    out = pyramid_attention_paddle(to_pd(q), to_pd(k), to_pd(v), paddle.to_tensor(lv), 0, 0.25, block=64)
+    out = out.numpy()[0, 0]
+    assert np.abs(out[0]).max() == 0.0
+    np.testing.assert_allclose(out[1], (v[0, 0, 0] + v[0, 0, 1]) / 2, atol=1e-6)
+
+
 def raw_levels(imp, cfg, qb0=0):
     return levels_from_importance(paddle.to_tensor(np.asarray(imp, np.float32)), cfg, qb0).numpy()
 

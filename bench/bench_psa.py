@@ -461,25 +461,38 @@ def table(sizes, heads, attn_tiles=None, est_tiles=None, dense_tiles=None):
                 return TA.pyramid_attention_triton(q, k, v, lv, 0, scale, block_size=BLK, tiles=attn_tiles)
 
             t_tot = bench(total, rep)
+            # memory one layer call adds on top of its inputs (the output included): the issue asks
+            # for no per-query-head copy of K/V, i.e. far below (Hq/Hkv) x the K+V bytes
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = total()
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del out
+            kv_mib = (k.numel() + v.numel()) * k.element_size() / 2**20
             flops = 4.0 * Hq * N * N * 128 / 2
             r = dict(heads=hname, N=N, sparsity=sp, fa2=t_fa2, cudnn=t_cud, est=t_est, kernel=t_k, all1=t_1,
                      total=t_tot, tflops_fa2=flops / t_fa2 / 1e9, tflops_all1=flops / t_1 / 1e9,
-                     tflops_total=flops / t_tot / 1e9)
+                     tflops_total=flops / t_tot / 1e9, extra_mib=extra, kv_mib=kv_mib,
+                     out_mib=q.numel() * q.element_size() / 2**20)
             rows.append(r)
             log(f"  {hname} N={N}: {json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()})} "
                 f"({time.time() - t0:.0f}s)")
             del q, k, v, lev, ones
             torch.cuda.empty_cache()
     hdr = ("| heads | N | sparsity | FA2 ms | cuDNN ms | est ms | PSA kernel ms | kernel/((1-s)FA2) | all-L1 ms | "
-           "all-L1/FA2 | all-L1/cuDNN | PSA total ms | total/FA2 | total/cuDNN | TFLOP/s FA2 / all-L1 / total |")
-    lines = [hdr, "|" + "---|" * 15]
+           "all-L1/FA2 | all-L1/cuDNN | PSA total ms | total/FA2 | total/cuDNN | TFLOP/s FA2 / all-L1 / total | "
+           "peak extra MiB (output / K+V MiB) |")
+    lines = [hdr, "|" + "---|" * 16]
     for r in rows:
         lines.append(
             f"| {r['heads']} | {r['N'] // 1024}K | {r['sparsity']:.3f} | {r['fa2']:.2f} | {r['cudnn']:.2f} | "
             f"{r['est']:.2f} | {r['kernel']:.2f} | {r['kernel'] / ((1 - r['sparsity']) * r['fa2']):.2f} | "
             f"{r['all1']:.2f} | {r['all1'] / r['fa2']:.3f} | {r['all1'] / r['cudnn']:.3f} | {r['total']:.2f} | "
             f"{r['total'] / r['fa2']:.3f} | {r['total'] / r['cudnn']:.3f} | "
-            f"{r['tflops_fa2']:.0f} / {r['tflops_all1']:.0f} / {r['tflops_total']:.0f} |")
+            f"{r['tflops_fa2']:.0f} / {r['tflops_all1']:.0f} / {r['tflops_total']:.0f} | "
+            f"{r['extra_mib']:.0f} ({r['out_mib']:.0f} / {r['kv_mib']:.0f}) |")
     log("\n".join(lines))
     for hname in heads:
         hr = [r for r in rows if r["heads"] == hname]

@@ -37,21 +37,18 @@ import mimetypes
 import numbers
 import os
 import re
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import numpy as np
-import requests
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from errors import InputError, MediaError, MediaNotFoundError, QwenVLError
+from fetch import cache_folder, cache_name, download, fetch_bytes, one_line, part_file
 from paddleformers.transformers.qwen2_vl import vision_process as _vp
 from paddleformers.transformers.qwen2_vl.vision_process import (
     FPS,
@@ -78,13 +75,11 @@ IMAGE_MAX_PIXELS = IMAGE_MAX_TOKEN_NUM * PATCH_PIXELS
 VIDEO_MIN_PIXELS = VIDEO_MIN_TOKEN_NUM * PATCH_PIXELS
 VIDEO_MAX_PIXELS = VIDEO_MAX_TOKEN_NUM * PATCH_PIXELS
 
-DEFAULT_CACHE_DIR = os.path.join("model_cache", "media")  # relative to the working directory
 BACKENDS = ("auto", "decord", "pyav")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
               ".3gp", ".ts"}
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_HTTP_HEADERS = {"User-Agent": "qwen2.5-vl-paddle/1.0"}  # some hosts refuse requests' default agent
 
 Source = Union[str, os.PathLike, Image.Image]
 
@@ -431,9 +426,9 @@ def _open_image(src: Any, label: str, cache_dir: Optional[str], timeout: float) 
         return _decode_image(io.BytesIO(_data_uri_bytes(value, label)), label)
     if kind == "http":
         if cache_dir is not None:
-            path = _download(value, cache_dir, timeout, progress=False)
+            path = download(value, cache_dir, timeout, progress=False)
             return _decode_image(path, f"{value} (cached as {path})")
-        return _decode_image(io.BytesIO(_fetch_bytes(value, timeout)), label)
+        return _decode_image(io.BytesIO(fetch_bytes(value, timeout)), label)
     path = _existing_path(value, "image file")
     if path.is_dir():
         raise MediaError(f"{path} is a folder, not an image; pass an image file "
@@ -452,7 +447,7 @@ def _decode_image(source: Any, label: str) -> Image.Image:
         raise MediaError(f"cannot decode image {label}: unknown image format; "
                          f"is it a valid image file?") from None
     except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, ...)
-        raise MediaError(f"cannot decode image {label}: {_one_line(exc)}; "
+        raise MediaError(f"cannot decode image {label}: {one_line(exc)}; "
                          f"is it a valid image file?") from None
 
 
@@ -468,125 +463,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return background
 
 
-# ----------------------------------------------------------------------------- HTTP
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
-
-
-def _socket_reason(exc: BaseException) -> str:
-    """The OS reason ("[Errno 111] Connection refused") buried in urllib3's nested messages."""
-    match = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
-    return match.group(0).strip() if match else _one_line(exc)
-
-
-@contextlib.contextmanager
-def _http_errors(url: str, timeout: float) -> Iterator[None]:
-    """requests' exceptions -> one MediaError naming the URL and the likely fix."""
-    try:
-        yield
-    except requests.exceptions.SSLError as exc:
-        raise MediaError(f"cannot fetch {url}: TLS certificate check failed ({_one_line(exc)}); "
-                         f"set REQUESTS_CA_BUNDLE to a CA bundle that trusts the server") from None
-    except requests.exceptions.Timeout:
-        raise MediaError(f"cannot fetch {url}: no response within {timeout:g} s; check the URL "
-                         f"or raise the timeout") from None
-    except requests.exceptions.ConnectionError as exc:
-        raise MediaError(f"cannot fetch {url}: connection failed ({_socket_reason(exc)}); "
-                         f"check the URL and that the server is reachable") from None
-    except requests.exceptions.ChunkedEncodingError as exc:
-        raise MediaError(f"cannot fetch {url}: download interrupted ({_one_line(exc)}); "
-                         f"try again") from None
-    except requests.exceptions.RequestException as exc:
-        raise MediaError(f"cannot fetch {url}: {_one_line(exc)}; check the URL") from None
-
-
-@contextlib.contextmanager
-def _http_get(url: str, timeout: float) -> Iterator[requests.Response]:
-    with requests.get(url, stream=True, timeout=timeout, headers=_HTTP_HEADERS) as response:
-        if response.status_code >= 400:
-            raise MediaError(f"cannot fetch {url}: HTTP {response.status_code} "
-                             f"{response.reason or ''}".rstrip() + "; check the URL")
-        yield response
-
-
-def _check_complete(response: requests.Response, received: int, url: str) -> None:
-    """urllib3 usually catches a short body; this also covers servers it lets through."""
-    expected = response.headers.get("Content-Length")
-    if expected and expected.isdigit() and not response.headers.get("Content-Encoding"):
-        if received != int(expected):
-            raise MediaError(f"cannot fetch {url}: download incomplete ({received} of {expected} "
-                             f"bytes); try again")
-
-
-def _fetch_bytes(url: str, timeout: float) -> bytes:
-    with _http_errors(url, timeout), _http_get(url, timeout) as response:
-        data = response.content
-        _check_complete(response, len(data), url)
-        return data
-
-
-def _cache_name(key: str, suffix: str) -> str:
-    suffix = suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix or "") else ""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] + suffix
-
-
-def _cache_folder(cache_dir: Optional[str]) -> Path:
-    folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot use cache_dir {folder}: {_one_line(exc)}; pass a writable "
-                         f"folder") from None
-    return folder
-
-
-def _part_file(folder: Path, target: Path) -> tuple:
-    """A unique temporary file next to `target`: concurrent downloads never share one."""
-    try:
-        return tempfile.mkstemp(dir=folder, prefix=target.name + ".", suffix=".part")
-    except OSError as exc:
-        raise InputError(f"cannot write to cache_dir {folder}: {_one_line(exc)}; pass a "
-                         f"writable folder") from None
-
-
-def _download(url: str, cache_dir: Optional[str], timeout: float, progress: bool) -> Path:
-    """Fetch `url` into the cache once. The body goes to a unique .part file that is renamed
-    only when complete, so a failed or concurrent download never leaves a truncated cache file."""
-    folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
-    target = folder / _cache_name(url, os.path.splitext(urlparse(url).path)[1])
-    if target.is_file():
-        return target
-    handle, part = _part_file(_cache_folder(cache_dir), target)
-    try:
-        with os.fdopen(handle, "wb") as out, _http_errors(url, timeout), \
-                _http_get(url, timeout) as response:
-            received = _stream_to(response, out, url, progress)
-            _check_complete(response, received, url)
-        os.replace(part, target)
-    except BaseException:  # also Ctrl-C: never keep a partial file
-        with contextlib.suppress(OSError):
-            os.unlink(part)
-        raise
-    return target
-
-
-def _stream_to(response: requests.Response, out: Any, url: str, progress: bool) -> int:
-    length = response.headers.get("Content-Length")
-    total = int(length) if length and length.isdigit() else None
-    name = os.path.basename(urlparse(url).path) or url
-    received = 0
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}",
-              file=sys.stderr, disable=not progress, leave=False) as bar:
-        for chunk in response.iter_content(chunk_size=1 << 20):
-            out.write(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
-    return received
-
-
 # ----------------------------------------------------------------------------- videos
 
 
@@ -598,7 +474,7 @@ def _video_file(src: Any, cache_dir: Optional[str], timeout: float, progress: bo
         raise InputError(f"{label} is a single image, not a video; use load_image, or pass a "
                          f"list of images / a folder of frames")
     if kind == "http":
-        path = _download(value, cache_dir, timeout, progress)
+        path = download(value, cache_dir, timeout, progress)
         return path, f"{value} (cached as {path})"
     if kind == "data":
         return _data_uri_file(value, label, cache_dir), label
@@ -609,11 +485,11 @@ def _data_uri_file(uri: str, label: str, cache_dir: Optional[str]) -> Path:
     """Decoders read files, so an inline video is written to the cache (named by content)."""
     data = _data_uri_bytes(uri, label)
     mime = uri[5:].split(",", 1)[0].split(";", 1)[0].lower()
-    folder = _cache_folder(cache_dir)
-    target = folder / _cache_name(hashlib.sha256(data).hexdigest(),
+    folder = cache_folder(cache_dir)
+    target = folder / cache_name(hashlib.sha256(data).hexdigest(),
                                   mimetypes.guess_extension(mime) or "")
     if not target.is_file():
-        handle, part = _part_file(folder, target)
+        handle, part = part_file(folder, target)
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
@@ -640,7 +516,7 @@ def _decode_video(path: Path, label: str, choose: Callable, backend: str) -> tup
         except ImportError:
             problems.append(f"{name} is not installed")
         except Exception as exc:  # decoders raise RuntimeError, av.FFmpegError, ...
-            problems.append(f"{name}: {_one_line(exc)}")
+            problems.append(f"{name}: {one_line(exc)}")
     raise MediaError(f"cannot decode video {label}: {'; '.join(problems)}; "
                      f"is it a valid video file?")
 

@@ -179,7 +179,7 @@ class QwenVLInference:
         ans = self._answer(prompt.embeds, lambda: self._positions(prompt.inputs), cache, prompt.ids, opts,
                            stream, t_start)
         del cache
-        self.last_token_ids, self.last_media = ans.token_ids, media
+        self.last_token_ids = ans.token_ids
         self.stats = self._collect_stats(prompt.ids, pre_timings, {"processor_s": prompt.processor_s},
                                          prompt.vision_s, ans, extra or {})
         return ans.text

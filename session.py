@@ -125,7 +125,7 @@ class MediaSession:
             self.prompt_ids = prompt_ids
             self._after_answer(prompt_ids, ans)
             stats = self._stats_for(prompt_ids, start, first, t_tok.s, ans)
-        m.stats, m.last_token_ids, m.last_media = stats, ans.token_ids, self._media
+        m.stats, m.last_token_ids = stats, ans.token_ids
         self.turns.append({"prompt": question, "answer": ans.text, "stats": stats})
         return ans.text
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from errors import InputError, ModelLoadError
+from media import load_image
 from infer_qwen2_5_vl_psa import QwenVLInference, format_stats
 from model_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 
@@ -74,7 +75,7 @@ def test_kv_cache_generation_equals_argmax_of_full_forward(model):
     model.inference_image(img, "What is in the picture?", max_tokens=8)
     gen = list(model.last_token_ids)
     inputs = model._encode([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
-                           {"images": [model.last_media["images"][0]]})
+                           {"images": [load_image(img)]})  # resized as inference_image does
     prompt = inputs["input_ids"]
     full = paddle.concat([prompt, paddle.to_tensor([gen], dtype=prompt.dtype)], axis=1)
     model.model.model.rope_deltas = None

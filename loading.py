@@ -45,10 +45,11 @@ def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
             path = snapshot_download(model, cache_dir=cache_dir, allow_patterns=list(WEIGHT_PATTERNS))
         elif hub == "modelscope":
             from modelscope import snapshot_download
-            path = snapshot_download(model, cache_dir=cache_dir)
-        else:
+            path = snapshot_download(model, cache_dir=cache_dir, allow_patterns=list(WEIGHT_PATTERNS))
+        else:  # aistudio's downloader takes a target folder, not a cache
             from aistudio_sdk.snapshot_download import snapshot_download
-            path = snapshot_download(repo_id=model, cache_dir=cache_dir)
+            path = snapshot_download(repo_id=model, local_dir=os.path.join(cache_dir, "aistudio", model),
+                                     allow_patterns=list(WEIGHT_PATTERNS))
     except Exception as e:  # network, auth, unknown repo: all the user's to fix
         raise ModelLoadError(f"cannot download {model!r} from {hub}: {type(e).__name__}: {str(e)[:200]} "
                              f"(check the id and your network, or pass a local folder with --model)") from e

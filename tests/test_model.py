@@ -188,3 +188,36 @@ def test_read_only_model_folder_loads(tiny_model_dir, tmp_path, monkeypatch):
     m = QwenVLInference(str(ro), dtype="float32", verbose=False, cache_dir=str(tmp_path / "cache"))
     assert m.inference_image(_image(), "Describe.", max_tokens=2) is not None
     assert sorted(os.listdir(ro)) == before
+
+
+# ---------------------------------------------------------------- hub ids (offline: a pre-filled cache)
+
+def _fill_hf_cache(cache, repo_id, src):
+    """The layout huggingface_hub leaves after a download: models--org--name/{refs,snapshots}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return snap
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """huggingface_hub reads HF_HUB_OFFLINE at import: flip its constant so no request leaves."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_resolves_through_the_hub_cache(tiny_model_dir, tmp_path, hf_offline):
+    snap = _fill_hf_cache(tmp_path / "cache", "tiny-org/Tiny-VL", tiny_model_dir)
+    m = QwenVLInference("tiny-org/Tiny-VL", dtype="float32", verbose=False, cache_dir=str(tmp_path / "cache"))
+    assert os.path.samefile(m.model_dir, snap)
+    assert m.inference_image(_image(), "Describe.", max_tokens=2) is not None
+
+
+def test_hub_id_that_cannot_be_fetched_is_one_clear_error(tmp_path, hf_offline):
+    with pytest.raises(ModelLoadError, match="cannot download 'nobody/Missing-VL' from huggingface"):
+        QwenVLInference("nobody/Missing-VL", verbose=False, cache_dir=str(tmp_path))

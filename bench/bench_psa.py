@@ -436,6 +436,34 @@ def tune(sizes, attn_variants, est_variants):
     return win
 
 
+# ============================================================================ quality
+
+def quality(sizes, heads):
+    """How far PSA's output is from dense attention on the video-like input (the approximation
+    error, not a kernel error): ||psa - dense|| / ||dense|| per size, dense = cuDNN/FA2 in bf16,
+    whose own rounding (~2e-3) is the floor of what this can show."""
+    log("== quality: PSA output vs dense attention (video-like, default config) ==")
+    rows = []
+    for hname in heads:
+        Hq, Hkv = HEADS[hname]
+        for N in sizes:
+            q, k, v = video_qkv(N, Hq, Hkv)
+            dense_fn, _ = _sdpa(q, k, v, "flash")
+            dense = dense_fn().float()
+            lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
+            out = TA.pyramid_attention_triton(q, k, v, lev, 0, 1 / math.sqrt(128)).float()
+            err = ((out - dense).norm() / dense.norm()).item()
+            # the prompt rows (last text_length tokens) are the ones the answer is decoded from
+            t = Cfg.text_length
+            err_prompt = ((out[:, :, -t:] - dense[:, :, -t:]).norm() / dense[:, :, -t:].norm()).item()
+            rows.append(dict(heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
+            log(f"  {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
+                f"prompt rows {err_prompt:.4f}")
+            del q, k, v, dense, out, lev
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ============================================================================ table
 
 def table(sizes, heads, attn_tiles=None, est_tiles=None, dense_tiles=None):
@@ -513,6 +541,7 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--quality", action="store_true", help="PSA output vs dense attention, per size")
     ap.add_argument("--tune-sizes", default="16384,32768")
     ap.add_argument("--attn-variants", default=",".join(ATTN_VARIANTS))
     ap.add_argument("--est-variants", default=",".join(EST_VARIANTS))
@@ -537,6 +566,8 @@ def main():
     try:
         if a.check:
             section("check", check)
+        if a.quality:
+            section("quality", lambda: quality([int(x) for x in a.sizes.split(",")], a.heads.split(",")))
         if a.tune:
             section("tune", lambda: tune([int(x) for x in a.tune_sizes.split(",")],
                                          [x for x in a.attn_variants.split(",") if x],

@@ -30,6 +30,11 @@ Media (files are generated with PIL / PyAV):
     truncated_video_path the first 3000 bytes of sample_video_path (no moov atom: cannot open)
     frames_dir         folder with 5 PNG frames frame_000.png .. frame_004.png, 112x84, each
                        different (odd count on purpose: the loader pads to an even count)
+
+Model:
+    tiny_model_dir     a tiny random Qwen2.5-VL in the official layout (session-scoped), made by
+                       tools/make_tiny_checkpoint.py, the tool users run; tests load it through
+                       `--model DIR` / QwenVLInference(DIR) like any downloaded checkpoint
 """
 
 from __future__ import annotations
@@ -329,3 +334,13 @@ def frames_dir(tmp_path) -> Path:
     for k in range(5):
         Image.fromarray(_video_frame(k, 5, 112, 84)).save(folder / f"frame_{k:03d}.png")
     return folder
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen2_5_vl")))

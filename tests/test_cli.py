@@ -8,7 +8,6 @@ import sys
 import pytest
 
 import infer_qwen2_5_vl_psa as cli
-from model_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

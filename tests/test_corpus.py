@@ -16,7 +16,6 @@ import pytest
 import corpus
 import infer_qwen2_5_vl_psa as cli
 from conftest import _make_image, _make_video
-from model_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "infer_qwen2_5_vl_psa.py")

@@ -11,7 +11,6 @@ from PIL import Image
 from errors import InputError, ModelLoadError
 from media import load_image
 from infer_qwen2_5_vl_psa import QwenVLInference, format_stats
-from model_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def test_greedy_is_deterministic(model):
 
 
 def test_different_images_give_different_answers(model):
-    a = model.inference_image(_image(1), "Describe this image.", max_tokens=8)
+    model.inference_image(_image(1), "Describe this image.", max_tokens=8)
     ids_a = list(model.last_token_ids)
     model.inference_image(_image(2, size=(60, 200)), "Describe this image.", max_tokens=8)
     assert ids_a != model.last_token_ids

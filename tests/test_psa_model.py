@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from infer_qwen2_5_vl_psa import QwenVLInference, format_stats
-from model_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 from paddleformers.transformers.cache_utils import DynamicCache
 from psa_paddle import AttentionConfig
 from qwen2_5_vl_psa_attention import ROUTER, apply_psa, remove_psa

@@ -18,7 +18,6 @@ import qwen2_5_vl_psa_attention as router
 from errors import InputError, SessionClosedError
 from infer_qwen2_5_vl_psa import QwenVLInference, format_session_stats, format_stats
 from media import Video
-from model_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 from paddleformers.transformers.cache_utils import DynamicCache
 from psa_paddle import AttentionConfig
 from session import template_parts

@@ -70,7 +70,7 @@ class MediaSession:
         self.model = model
         self.kind = kind
         self.conversation = bool(conversation)
-        self._media, self._extra, self._pre = media, dict(extra), dict(pre_timings)
+        self._extra, self._pre = dict(extra), dict(pre_timings)
         self._parts = template_parts(model, media_content)
         if self.conversation and self._parts.turn_separator is None:
             raise InputError("this model's chat template does not continue a conversation turn by turn: "
@@ -243,7 +243,7 @@ class MediaSession:
             for layer in self._cache.layers:  # also frees the tensors if someone kept the cache object
                 layer.keys = layer.values = None
                 layer.is_initialized = False
-        self._cache = self._tail = self._rope_deltas = self._media = None
+        self._cache = self._tail = self._rope_deltas = None
         self._prompt.inputs, self._prompt.embeds = {}, None  # pixel tensors, if no question came
         self.closed = True
 

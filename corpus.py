@@ -401,25 +401,24 @@ def item_kind(item: Item, default_type: Optional[str]) -> str:
     return kind
 
 
-def load_item(item: Item, opts: "BatchOptions") -> Tuple[str, Any]:
-    """(kind, PIL image or media.Video): download, decode, sample and resize. Pure: safe in a thread."""
+def load_item(item: Item, kind: str, opts: "BatchOptions") -> Any:
+    """PIL image or media.Video: download, decode, sample and resize. Pure: safe in a thread."""
     from media import load_image, load_video
 
-    kind = item_kind(item, opts.type)
     pick = lambda v, d: d if v is None else v  # noqa: E731
     min_px, max_px = pick(item.min_pixels, opts.min_pixels), pick(item.max_pixels, opts.max_pixels)
     if kind == "video":
-        return kind, load_video(item.input, fps=pick(item.fps, opts.fps), min_pixels=min_px, max_pixels=max_px,
+        return load_video(item.input, fps=pick(item.fps, opts.fps), min_pixels=min_px, max_pixels=max_px,
                                 max_frames=pick(item.max_frames, opts.max_frames), cache_dir=opts.media_cache,
                                 progress=False)
-    return kind, load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache)
+    return load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache)
 
 
 def _load(item: Item, opts: "BatchOptions") -> Loaded:
     start, kind = time.perf_counter(), None
     try:
-        kind = item_kind(item, opts.type)
-        kind, media = load_item(item, opts)
+        kind = item_kind(item, opts.type)  # set first: a load error still reports the kind
+        media = load_item(item, kind, opts)
         return Loaded(item, kind, media, None, start, time.perf_counter())
     except Exception as e:  # any input problem becomes this item's error line
         return Loaded(item, kind, None, e, start, time.perf_counter())

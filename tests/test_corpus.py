@@ -360,10 +360,10 @@ def _timeline(model, monkeypatch):
     loads, gens = [], []
     real_load, real_image = corpus.load_item, model.inference_multi_image
 
-    def load(item, opts):
+    def load(item, *rest):
         t0 = time.perf_counter()
         try:
-            return real_load(item, opts)
+            return real_load(item, *rest)
         finally:
             loads.append((t0, time.perf_counter(), item.id))
 

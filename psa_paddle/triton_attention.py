@@ -29,6 +29,7 @@ from __future__ import annotations
 
 
 from . import launch as _launch
+from . import tiles as _tiles
 
 _launch.prepare_triton()
 
@@ -387,7 +388,7 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
         levels = levels.contiguous()
 
     if tiles is None:
-        tiles = _INTERP_TILES if _launch.interpreting() else DEFAULT_TILES.get(D, DEFAULT_TILES[128])
+        tiles = _tiles.attention_tiles(q)  # per GPU class (psa_paddle/tiles.py)
     bm, bn, bnp, warps, stages = tiles
     bm, bn = min(bm, blk), min(bn, blk)
     bnp = max(16, bnp)
@@ -434,8 +435,7 @@ def dense_attention_triton(q, k, v, q_offset, scale, *, block_size: int = 128, t
     nKB = -(-Lk // block_size)
     nQB = nKB - int(q_offset) // block_size
     levels = _launch.full(q, [B, Hq, nQB, nKB], 1, "int8")
-    if tiles is None and not _launch.interpreting():
-        D = int(q.shape[3])
-        tiles = DENSE_TILES.get(D, DENSE_TILES[128])
+    if tiles is None:
+        tiles = _tiles.attention_tiles(q, dense=True)  # per GPU class (psa_paddle/tiles.py)
     return pyramid_attention_triton(q, k, v, levels, q_offset, scale, block_size=block_size, tiles=tiles,
                                     _levels_all_one=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 from . import launch as _launch
+from . import tiles as _tiles
 
 _launch.prepare_triton()
 
@@ -265,7 +266,7 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
     qb0 = q_offset // block
     nQB = nKB - qb0
     if tiles is None:
-        tiles = _INTERP_EST_TILES if _launch.interpreting() else DEFAULT_EST_TILES
+        tiles = _tiles.estimate_tiles(q)  # per GPU class (psa_paddle/tiles.py)
     bm, bn, warps, stages = tiles
     bm, bn = max(bm, R, 16), max(bn, R, 16)
     imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from . import launch as _launch
 from . import tiles as _tiles
+from .config import block_from_levels_shape
 
 _launch.prepare_triton()
 
@@ -288,18 +289,8 @@ def _pow2_at_least(n: int) -> int:
 
 
 def infer_block_size(Lk: int, q_offset: int, nQB: int, nKB: int) -> int:
-    """The block size the levels map was built with, from its shape.
-
-    The smallest power of two >= 16 with ``ceil(Lk/BLK) == nKB`` and
-    ``nKB - q_offset//BLK == nQB``. Unique except when ``nKB == 1``, where every such BLK
-    describes the same single block and gives the same result.
-    """
-    for e in range(4, 16):
-        blk = 1 << e
-        if -(-Lk // blk) == nKB and nKB - q_offset // blk == nQB:
-            return blk
-    raise ValueError(f"levels shape (nQB={nQB}, nKB={nKB}) fits no power-of-two block for Lk={Lk}, "
-                     f"q_offset={q_offset}")
+    """The block size the levels map was built with, from its shape (config's one rule)."""
+    return block_from_levels_shape(Lk, q_offset, nQB, nKB)
 
 
 def _check_pow2(name, x, lo=16):

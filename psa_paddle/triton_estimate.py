@@ -27,6 +27,7 @@ import math
 
 from . import launch as _launch
 from . import tiles as _tiles
+from .config import DEFAULT_MASK_RATIOS, ratio_intervals
 
 _launch.prepare_triton()
 
@@ -39,7 +40,6 @@ _LOG2E = 1.4426950408889634
 # (BM strided query rows, BN strided key rows, num_warps, num_stages); tuned on an H200
 DEFAULT_EST_TILES = (64, 128, 8, 3)
 _INTERP_EST_TILES = (32, 32, 4, 1)
-_DEFAULT_RATIOS = {1: (0.0, 0.6), 2: (0.6, 0.8), 4: (0.8, 0.9), 8: (0.9, 0.9), 0: (0.9, 1.0)}
 
 
 # ============================================================================================
@@ -221,25 +221,11 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def _cfg(cfg, name, default):
-    return getattr(cfg, name, default) if cfg is not None else default
-
-
 def _ratio_table(ratios, topk: bool):
-    """[(level, lower, hi)] in insertion order with lower = max(lo, previous hi) (no overlaps)."""
-    items = list(dict(ratios).items())
-    if len(items) > 5:
+    """[(level, lower, hi)]: the config's one interval rule (at most 5 entries)."""
+    out = list(ratio_intervals(ratios))
+    if len(out) > 5:
         raise ValueError("at most 5 mask_ratios entries are supported")
-    out, prev_hi = [], None
-    for lev, (lo, hi) in items:
-        lev = int(lev)
-        if lev not in (0, 1, 2, 4, 8):
-            raise ValueError(f"level {lev} not in (0, 1, 2, 4, 8)")
-        lo, hi = float(lo), float(hi)
-        if prev_hi is not None:
-            lo = max(lo, prev_hi)
-        out.append((lev, lo, hi))
-        prev_hi = hi
     return out
 
 
@@ -305,7 +291,7 @@ def levels_from_importance_triton(imp, cap, q_offset: int, block: int, *, text_l
     if mask_mode not in ("energybound", "topk"):
         raise ValueError(f"unknown mask_mode {mask_mode!r}")
     topk = mask_mode == "topk"
-    table = _ratio_table(mask_ratios if mask_ratios is not None else _DEFAULT_RATIOS, topk)
+    table = _ratio_table(mask_ratios if mask_ratios is not None else DEFAULT_MASK_RATIOS, topk)
     nr = len(table)
     table = table + [(0, 0.0, 0.0)] * (5 - nr)
     vals = {}
@@ -328,8 +314,7 @@ def levels_from_importance_triton(imp, cap, q_offset: int, block: int, *, text_l
 def estimate_levels_triton(q, k, cfg, q_offset, *, tiles=None):
     """PSA steps 1-4 -> ``(levels int8 [B, Hq, nQB, nKB], importance float32 [B, Hq, nQB, nKB])``.
 
-    ``cfg`` is an ``AttentionConfig`` (duck-typed: query_block, xattn_stride, mask_mode,
-    mask_ratios, text_length, sim_2x/4x/8x_threshold, use_sim_cap).
+    ``cfg`` is the caller's ``AttentionConfig``: the one source of the PSA settings.
     """
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError("q and k must be 4-D")
@@ -340,8 +325,8 @@ def estimate_levels_triton(q, k, cfg, q_offset, *, tiles=None):
     q_offset = int(q_offset)
     if q_offset < 0 or q_offset + Lq != Lk:
         raise ValueError(f"need q_offset = Lk - Lq >= 0, got q_offset={q_offset}, Lq={Lq}, Lk={Lk}")
-    block = int(_cfg(cfg, "query_block", 128))
-    stride = int(_cfg(cfg, "xattn_stride", 16))
+    block = int(cfg.query_block)
+    stride = int(cfg.xattn_stride)
     if block < 16 or block & (block - 1):
         raise ValueError(f"query_block must be a power of two >= 16, got {block}")
     if D < 16 or D & (D - 1):
@@ -351,15 +336,14 @@ def estimate_levels_triton(q, k, cfg, q_offset, *, tiles=None):
 
     imp = importance_triton(q, k, block, stride, q_offset, tiles=tiles)
     cap = None
-    if bool(_cfg(cfg, "use_sim_cap", True)):
-        th = (_cfg(cfg, "sim_2x_threshold", 0.75), _cfg(cfg, "sim_4x_threshold", 0.7),
-              _cfg(cfg, "sim_8x_threshold", 0.7))
+    if cfg.use_sim_cap:
+        th = (cfg.sim_2x_threshold, cfg.sim_4x_threshold, cfg.sim_8x_threshold)
         cap = similarity_cap_triton(k, block, th)
     lev = levels_from_importance_triton(
         imp, cap, q_offset, block,
-        text_length=_cfg(cfg, "text_length", 512),
-        mask_mode=_cfg(cfg, "mask_mode", "energybound"),
-        mask_ratios=_cfg(cfg, "mask_ratios", None),
+        text_length=cfg.text_length,
+        mask_mode=cfg.mask_mode,
+        mask_ratios=cfg.mask_ratios,
         n_kv_heads=Hkv,
     )
     return lev, imp

@@ -116,3 +116,24 @@ def test_no_stream_prints_answer_at_the_end(tiny_model_dir, sample_image_path, t
                      "--no-stream", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "---- stats ----" in out.err
+
+
+def test_brief_entry_points_import():
+    """The names the project has always had keep working: the script module and the PSA patch."""
+    from infer_qwen2_5_vl_psa import QwenVLInference
+    from qwen2_5_vl_psa_attention import apply_psa, remove_psa
+    from qwen_vl_psa.engine import QwenVLInference as engine_class
+    from qwen_vl_psa.psa_router import apply_psa as router_apply
+
+    assert QwenVLInference is engine_class and apply_psa is router_apply and callable(remove_psa)
+
+
+def test_help_does_not_import_paddle():
+    """--help and argument checks answer without the model stack (a fresh interpreter)."""
+    code = ("import sys, infer_qwen2_5_vl_psa as m\n"
+            "try:\n    m.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert m.main(['--input', 'x.png', '--fps', '0']) == 2\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('paddle', 'paddleformers')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -8,14 +8,10 @@ import paddle
 import pytest
 from PIL import Image
 
-from errors import InputError, ModelLoadError
-from media import load_image
-from infer_qwen2_5_vl_psa import QwenVLInference, format_stats
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
+from infer_qwen2_5_vl_psa import QwenVLInference
+from qwen_vl_psa.errors import InputError, ModelLoadError
+from qwen_vl_psa.media import load_image
+from qwen_vl_psa.report import format_stats
 
 
 def _image(seed=0, size=(120, 100)):
@@ -27,7 +23,7 @@ def _image(seed=0, size=(120, 100)):
 
 def test_image_placeholder_expands_to_grid_tokens(model):
     img = _image(size=(112, 84))  # already a multiple of 28: grid 6 x 8 patches of 14
-    inputs = model._encode([{"type": "image"}, {"type": "text", "text": "hi"}], {"images": [img]})
+    inputs = model.prompts.encode([{"type": "image"}, {"type": "text", "text": "hi"}], {"images": [img]})
     t, h, w = inputs["image_grid_thw"][0].tolist()
     assert (t, h, w) == (1, 84 // 14, 112 // 14)
     n_pad = int((inputs["input_ids"][0] == model.model.config.image_token_id).sum())
@@ -37,7 +33,7 @@ def test_image_placeholder_expands_to_grid_tokens(model):
 
 def test_video_grid_follows_frames(model):
     frames = (np.random.default_rng(0).random((6, 56, 84, 3)) * 255).astype(np.uint8)
-    inputs = model._encode([{"type": "video"}, {"type": "text", "text": "hi"}], {"videos": [frames], "fps": 2.0})
+    inputs = model.prompts.encode([{"type": "video"}, {"type": "text", "text": "hi"}], {"videos": [frames], "fps": 2.0})
     assert inputs["video_grid_thw"][0].tolist() == [3, 4, 6]  # 6 frames / temporal patch 2
     assert float(inputs["second_per_grid_ts"][0]) == pytest.approx(1.0)  # 2 frames at 2 fps
     n_pad = int((inputs["input_ids"][0] == model.model.config.video_token_id).sum())
@@ -73,7 +69,7 @@ def test_kv_cache_generation_equals_argmax_of_full_forward(model):
     img = _image(3)
     model.inference_image(img, "What is in the picture?", max_tokens=8)
     gen = list(model.last_token_ids)
-    inputs = model._encode([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+    inputs = model.prompts.encode([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
                            {"images": [load_image(img)]})  # resized as inference_image does
     prompt = inputs["input_ids"]
     full = paddle.concat([prompt, paddle.to_tensor([gen], dtype=prompt.dtype)], axis=1)

@@ -33,7 +33,7 @@ Media (files are generated with PIL / PyAV):
 
 Model:
     tiny_model_dir     a tiny random Qwen2.5-VL in the official layout (session-scoped), made by
-                       tools/make_tiny_checkpoint.py, the tool users run; tests load it through
+                       qwen_vl_psa/tiny_checkpoint.py, the tool users run; tests load it through
                        `--model DIR` / QwenVLInference(DIR) like any downloaded checkpoint
 """
 
@@ -57,7 +57,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the product modules are flat files at the repo root
+if str(ROOT) not in sys.path:  # the checkout's package, also when it is not installed
     sys.path.insert(0, str(ROOT))
 
 
@@ -341,6 +341,22 @@ def frames_dir(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from qwen_vl_psa.tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen2_5_vl")))
+
+
+@pytest.fixture(scope="session")
+def shared_model(tiny_model_dir):
+    """The tiny checkpoint loaded once for the whole run (loading is most of a model test's time)."""
+    from qwen_vl_psa.engine import QwenVLInference
+
+    return QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
+
+
+@pytest.fixture
+def model(shared_model):
+    """The shared model; each test starts with PSA off, whatever the test before it did."""
+    shared_model.disable_psa()
+    yield shared_model
+    shared_model.disable_psa()

@@ -12,22 +12,15 @@ import threading
 import time
 
 import pytest
-
-import corpus
-import infer_qwen2_5_vl_psa as cli
 from conftest import _make_image, _make_video
+
+import infer_qwen2_5_vl_psa as cli
+from qwen_vl_psa import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "infer_qwen2_5_vl_psa.py")
 MAX_TOKENS = "6"
 SAME = ("id", "input", "type", "prompt", "answer", "error")  # what must match across runs (not timings)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    from infer_qwen2_5_vl_psa import QwenVLInference
-
-    return QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +73,11 @@ def mixed_rows(media):
 
 
 @pytest.fixture(scope="module")
-def reference(model, media, tmp_path_factory):
+def reference(shared_model, media, tmp_path_factory):
     """The mixed corpus run once, in one process, uninterrupted: what other runs must equal."""
     d = tmp_path_factory.mktemp("reference")
     batch = write_jsonl(d / "in.jsonl", mixed_rows(media))
-    assert run_in_process(model, batch, d / "out.jsonl", cache=d / "cache") == 0
+    assert run_in_process(shared_model, batch, d / "out.jsonl", cache=d / "cache") == 0
     return read_jsonl(d / "out.jsonl")
 
 
@@ -217,6 +210,7 @@ def test_missing_output_unreadable_batch_and_conflicting_flags(tmp_path, capsys)
 
 # ---------------------------------------------------------------- crash and resume
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_every_id_once_and_same_answers(tiny_model_dir, media, reference, http_server,
                                                                   tmp_path):
     # The 5th input is fetched from a server that stalls, so the first run is surely still going
@@ -332,6 +326,7 @@ def test_launcher_variables_are_hidden_from_paddle_and_pick_the_gpu(monkeypatch)
             corpus.rank_and_world(bad)
 
 
+@pytest.mark.slow
 def test_two_processes_through_paddle_launch(tiny_model_dir, media, reference, tmp_path):
     batch = write_jsonl(tmp_path / "in.jsonl", mixed_rows(media))
     out = tmp_path / "out.jsonl"

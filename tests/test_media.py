@@ -12,12 +12,12 @@ import sys
 import numpy as np
 import paddle
 import pytest
-from PIL import Image
-
-import media
-from errors import InputError, MediaError, MediaNotFoundError
 from paddleformers.transformers.paddle_vision_utils import resize as paddle_resize
 from paddleformers.transformers.qwen2_vl import vision_process as vp
+from PIL import Image
+
+from qwen_vl_psa import media
+from qwen_vl_psa.errors import InputError, MediaError, MediaNotFoundError
 
 VIDEO_MIN = 128 * 28 * 28
 VIDEO_MAX = 768 * 28 * 28

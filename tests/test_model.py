@@ -8,14 +8,10 @@ import paddle
 import pytest
 from PIL import Image
 
-from errors import InputError, ModelLoadError
-from media import load_image
-from infer_qwen2_5_vl_psa import QwenVLInference, format_stats
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
+from infer_qwen2_5_vl_psa import QwenVLInference
+from qwen_vl_psa.errors import InputError, ModelLoadError
+from qwen_vl_psa.media import load_image
+from qwen_vl_psa.report import format_stats
 
 
 def _image(seed=0, size=(120, 100)):
@@ -27,7 +23,7 @@ def _image(seed=0, size=(120, 100)):
 
 def test_image_placeholder_expands_to_grid_tokens(model):
     img = _image(size=(112, 84))  # already a multiple of 28: grid 6 x 8 patches of 14
-    inputs = model._encode([{"type": "image"}, {"type": "text", "text": "hi"}], {"images": [img]})
+    inputs = model.prompts.encode([{"type": "image"}, {"type": "text", "text": "hi"}], {"images": [img]})
     t, h, w = inputs["image_grid_thw"][0].tolist()
     assert (t, h, w) == (1, 84 // 14, 112 // 14)
     n_pad = int((inputs["input_ids"][0] == model.model.config.image_token_id).sum())
@@ -37,7 +33,7 @@ def test_image_placeholder_expands_to_grid_tokens(model):
 
 def test_video_grid_follows_frames(model):
     frames = (np.random.default_rng(0).random((6, 56, 84, 3)) * 255).astype(np.uint8)
-    inputs = model._encode([{"type": "video"}, {"type": "text", "text": "hi"}], {"videos": [frames], "fps": 2.0})
+    inputs = model.prompts.encode([{"type": "video"}, {"type": "text", "text": "hi"}], {"videos": [frames], "fps": 2.0})
     assert inputs["video_grid_thw"][0].tolist() == [3, 4, 6]  # 6 frames / temporal patch 2
     assert float(inputs["second_per_grid_ts"][0]) == pytest.approx(1.0)  # 2 frames at 2 fps
     n_pad = int((inputs["input_ids"][0] == model.model.config.video_token_id).sum())
@@ -73,7 +69,7 @@ def test_kv_cache_generation_equals_argmax_of_full_forward(model):
     img = _image(3)
     model.inference_image(img, "What is in the picture?", max_tokens=8)
     gen = list(model.last_token_ids)
-    inputs = model._encode([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+    inputs = model.prompts.encode([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
                            {"images": [load_image(img)]})  # resized as inference_image does
     prompt = inputs["input_ids"]
     full = paddle.concat([prompt, paddle.to_tensor([gen], dtype=prompt.dtype)], axis=1)
@@ -176,7 +172,7 @@ def test_not_a_model_id(tmp_path):
         QwenVLInference(str(tmp_path / "missing" / "x" / "y"), verbose=False)
 
 
-def test_read_only_model_folder_loads(tiny_model_dir, tmp_path, monkeypatch):
+def test_read_only_model_folder_loads(tiny_model_dir, model, tmp_path, monkeypatch):
     # paddleformers writes a metadata file into the model folder; a read-only one is mirrored.
     # (CI runs as root, who can write anywhere, so the folder is made to look read-only.)
     ro = tmp_path / "ro"
@@ -185,7 +181,9 @@ def test_read_only_model_folder_loads(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
     before = sorted(os.listdir(ro))
     m = QwenVLInference(str(ro), dtype="float32", verbose=False, cache_dir=str(tmp_path / "cache"))
-    assert m.inference_image(_image(), "Describe.", max_tokens=2) is not None
+    # the same weights as the shared model: the same answer
+    assert m.inference_image(_image(), "Describe.", max_tokens=2) == model.inference_image(_image(), "Describe.",
+                                                                                            max_tokens=2)
     assert sorted(os.listdir(ro)) == before
 
 
@@ -210,11 +208,12 @@ def hf_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def test_hub_id_resolves_through_the_hub_cache(tiny_model_dir, tmp_path, hf_offline):
+def test_hub_id_resolves_through_the_hub_cache(tiny_model_dir, model, tmp_path, hf_offline):
     snap = _fill_hf_cache(tmp_path / "cache", "tiny-org/Tiny-VL", tiny_model_dir)
     m = QwenVLInference("tiny-org/Tiny-VL", dtype="float32", verbose=False, cache_dir=str(tmp_path / "cache"))
     assert os.path.samefile(m.model_dir, snap)
-    assert m.inference_image(_image(), "Describe.", max_tokens=2) is not None
+    assert m.inference_image(_image(), "Describe.", max_tokens=2) == model.inference_image(_image(), "Describe.",
+                                                                                            max_tokens=2)
 
 
 def test_hub_id_that_cannot_be_fetched_is_one_clear_error(tmp_path, hf_offline):

@@ -1,24 +1,20 @@
 """PSA inside the tiny Qwen2.5-VL: routing, equivalence with dense attention, stats, decode untouched."""
 import numpy as np
-import paddle
 import pytest
+from paddleformers.transformers.cache_utils import DynamicCache
 from PIL import Image
 
-from infer_qwen2_5_vl_psa import QwenVLInference, format_stats
-from paddleformers.transformers.cache_utils import DynamicCache
 from psa_paddle import AttentionConfig
-from qwen2_5_vl_psa_attention import ROUTER, apply_psa, remove_psa
+from qwen_vl_psa.engine import QwenVLInference
+from qwen_vl_psa.prompt import MediaInput
+from qwen_vl_psa.psa_router import ROUTER, apply_psa, remove_psa
+from qwen_vl_psa.report import format_stats
 
 # Blocks of 64 so the tiny model's few hundred tokens span several blocks; min_seq_len 0 so PSA
 # runs at all (its default keeps short prompts dense, where PSA cannot pay off).
 ALL_FULL = AttentionConfig(query_block=64, mask_ratios={1: (0.0, 1.0)}, use_sim_cap=False, min_seq_len=0,
                            text_length=0)
 DEFAULT_SMALL = AttentionConfig(query_block=64, min_seq_len=0, text_length=64)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
 
 
 @pytest.fixture
@@ -30,8 +26,8 @@ def video():
 
 
 def _ask(model, frames, prompt="What happens?", n=8):
-    content = [{"type": "video"}, {"type": "text", "text": prompt}]
-    return model._run(content, {"videos": [frames], "fps": 2.0}, {}, max_tokens=n)
+    media = MediaInput([{"type": "video"}], {"videos": [frames], "fps": 2.0}, kind="video")
+    return model.ask(media, prompt, max_tokens=n)
 
 
 def test_router_names_only_the_text_attention(model):
@@ -69,7 +65,7 @@ def test_default_config_runs_and_reports_sparsity(model, video):
 
 
 def test_decode_steps_never_call_psa(model, video, monkeypatch):
-    import qwen2_5_vl_psa_attention as patch
+    from qwen_vl_psa import psa_router as patch
 
     q_lens = []
     real = patch.psa_attention
@@ -117,10 +113,10 @@ def _prefill_logits(model, embeds, pos, split=None):
 @pytest.mark.parametrize("psa", [None, ALL_FULL], ids=["dense", "psa-all-level-1"])
 def test_prefill_continuing_a_cache_equals_one_prefill(model, video, psa):
     """Query length < key length: the causal offset must follow the cached prefix."""
-    inputs = model._encode([{"type": "video"}, {"type": "text", "text": "Where is the ball?"}],
+    inputs = model.prompts.encode([{"type": "video"}, {"type": "text", "text": "Where is the ball?"}],
                            {"videos": [video], "fps": 2.0})
-    embeds = model._embed(inputs)
-    pos, _ = model._positions(inputs)
+    embeds = model.prompts.embed(inputs)
+    pos, _ = model.prompts.positions(inputs)
     if psa:
         model.enable_psa(psa)
     try:
@@ -132,10 +128,10 @@ def test_prefill_continuing_a_cache_equals_one_prefill(model, video, psa):
 
 
 def test_router_dense_equals_the_models_own_attention(model, video):
-    inputs = model._encode([{"type": "video"}, {"type": "text", "text": "Describe."}],
+    inputs = model.prompts.encode([{"type": "video"}, {"type": "text", "text": "Describe."}],
                            {"videos": [video], "fps": 2.0})
-    embeds = model._embed(inputs)
-    pos, _ = model._positions(inputs)
+    embeds = model.prompts.embed(inputs)
+    pos, _ = model.prompts.positions(inputs)
     routed = _prefill_logits(model, embeds, pos)
     remove_psa(model.model)
     try:

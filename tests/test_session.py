@@ -10,17 +10,18 @@ import weakref
 import numpy as np
 import paddle
 import pytest
+from paddleformers.transformers.cache_utils import DynamicCache
 from PIL import Image
 
-import generation
 import infer_qwen2_5_vl_psa as cli
-import qwen2_5_vl_psa_attention as router
-from errors import InputError, SessionClosedError
-from infer_qwen2_5_vl_psa import QwenVLInference, format_session_stats, format_stats
-from media import Video
-from paddleformers.transformers.cache_utils import DynamicCache
 from psa_paddle import AttentionConfig
-from session import template_parts
+from qwen_vl_psa import engine, session
+from qwen_vl_psa import psa_router as router
+from qwen_vl_psa.errors import InputError, SessionClosedError
+from qwen_vl_psa.generation import prefill
+from qwen_vl_psa.media import Video
+from qwen_vl_psa.prompt import template_parts
+from qwen_vl_psa.report import format_session_stats, format_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["What happens in the video?", "Who is speaking?", "Describe this video in detail."]
@@ -32,11 +33,6 @@ PSA_CONFIGS = {
     "psa-text0": AttentionConfig(query_block=64, min_seq_len=0, text_length=0),
     "psa-text64": AttentionConfig(query_block=64, min_seq_len=0, text_length=64),
 }
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +59,7 @@ def psa(model, request):
 def prefills(monkeypatch):
     """Every language-model prefill call of multi-token input: [(query length, last logits)]."""
     calls = []
-    real = generation.prefill
+    real = prefill
 
     def spy(model, embeds, pos, cache):
         logits = real(model, embeds, pos, cache)
@@ -71,7 +67,8 @@ def prefills(monkeypatch):
             calls.append((embeds.shape[1], logits.numpy()))
         return logits
 
-    monkeypatch.setattr(generation, "prefill", spy)
+    for module in (engine, session):  # the two callers of prefill
+        monkeypatch.setattr(module, "prefill", spy)
     return calls
 
 
@@ -89,12 +86,13 @@ def _images():
 
 def test_prefix_and_question_tokenised_apart_give_the_whole_ids(model, video):
     tok = model.tokenizer
-    parts = template_parts(model, [{"type": "video"}])
+    parts = template_parts(model.prompts, [{"type": "video"}])
     assert parts.prefix.endswith("<|vision_end|>") and parts.question_tail == "<|im_end|>\n<|im_start|>assistant\n"
     assert parts.turn_separator == "<|im_end|>\n<|im_start|>user\n"
     for q in QUESTIONS + ["  spaces, <|im_end|> and ünïcödé  "]:
-        whole = model._encode([{"type": "video"}, {"type": "text", "text": q}], _media(video))["input_ids"][0].tolist()
-        prefix = model._encode_text(parts.prefix, _media(video))["input_ids"][0].tolist()
+        whole = model.prompts.encode([{"type": "video"}, {"type": "text", "text": q}], _media(video))
+        whole = whole["input_ids"][0].tolist()
+        prefix = model.prompts.encode_text(parts.prefix, _media(video))["input_ids"][0].tolist()
         suffix = tok(q + parts.question_tail, add_special_tokens=False)["input_ids"]
         assert prefix + suffix == whole
         assert prefix[-1] == tok.convert_tokens_to_ids("<|vision_end|>")
@@ -172,7 +170,7 @@ def test_independent_questions_see_only_the_media(model, video):
     with model.open_video(video) as s:
         s.ask(QUESTIONS[0], max_tokens=6)
         s.ask(QUESTIONS[1], max_tokens=6)
-        cold = model._encode([{"type": "video"}, {"type": "text", "text": QUESTIONS[1]}], _media(video))
+        cold = model.prompts.encode([{"type": "video"}, {"type": "text", "text": QUESTIONS[1]}], _media(video))
         assert s.prompt_ids == cold["input_ids"][0].tolist()
         assert s._cache.get_seq_length() == s.cached_tokens  # rewound after each answer
 
@@ -186,7 +184,7 @@ def test_conversation_turn_two_sees_turn_one(model, video, prefills):
         prefills.clear()
         s.ask(QUESTIONS[1], max_tokens=6)
         turn2_logits = prefills[-1][1]
-        parts = template_parts(model, [{"type": "video"}])
+        parts = template_parts(model.prompts, [{"type": "video"}])
         expected = (s.prefix_ids + tok(QUESTIONS[0] + parts.question_tail, add_special_tokens=False)["input_ids"]
                     + answer1 + tok(parts.turn_separator + QUESTIONS[1] + parts.question_tail,
                                     add_special_tokens=False)["input_ids"])
@@ -194,7 +192,7 @@ def test_conversation_turn_two_sees_turn_one(model, video, prefills):
         # ... which is the full two-turn chat template, tokenised
         history = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]},
                    {"role": "assistant", "content": tok.decode(answer1, skip_special_tokens=False)}]
-        text = model._chat_text([{"type": "text", "text": QUESTIONS[1]}], history=history)
+        text = model.prompts.chat_text([{"type": "text", "text": QUESTIONS[1]}], history=history)
         n_video = s.prefix_ids.count(model.model.config.video_token_id)
         text = text.replace("<|video_pad|>", "<|video_pad|>" * n_video)
         assert tok.decode(s.prompt_ids, skip_special_tokens=False) == text
@@ -202,13 +200,13 @@ def test_conversation_turn_two_sees_turn_one(model, video, prefills):
         assert s.turns[1]["stats"]["reuse"]["mode"] == "conversation"
 
     # turn 2's prefill gives the logits of one cold prefill over the whole two-turn prompt
-    inputs = model._encode_text(parts.prefix, _media(video))
+    inputs = model.prompts.encode_text(parts.prefix, _media(video))
     inputs["input_ids"] = paddle.to_tensor([expected], dtype="int64")
     del inputs["attention_mask"]  # the prefix's
     assert not set(answer1) & {model.model.config.video_token_id, model.model.config.image_token_id}
-    embeds = model._embed(inputs)
-    pos, _ = model._positions(inputs)
-    cold = generation.prefill(model.model, embeds, pos, DynamicCache(config=model.model.config.text_config))
+    embeds = model.prompts.embed(inputs)
+    pos, _ = model.prompts.positions(inputs)
+    cold = prefill(model.model, embeds, pos, DynamicCache(config=model.model.config.text_config))
     np.testing.assert_allclose(turn2_logits, cold.numpy(), rtol=0, atol=1e-5)
 
 
@@ -273,6 +271,7 @@ def test_bad_questions(model, video):
 
 # ---------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_cli_two_prompts_stream_each_answer_with_its_stats(tiny_model_dir, sample_video_path, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "infer_qwen2_5_vl_psa.py"), "--model", tiny_model_dir,
                         "--input", str(sample_video_path), "--fps", "2", "--max-tokens", "5",

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import requests
 from tqdm import tqdm
 
-from errors import InputError, MediaError
+from .errors import InputError, MediaError
 
 DEFAULT_CACHE_DIR = os.path.join("model_cache", "media")  # relative to the working directory
 HTTP_HEADERS = {"User-Agent": "qwen2.5-vl-paddle/1.0"}  # some hosts refuse requests' default agent

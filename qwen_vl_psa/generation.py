@@ -11,29 +11,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import paddle
 
-
-@dataclass
-class GenerationOptions:
-    max_tokens: int = 512
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-
-    def validate(self):
-        from errors import InputError
-
-        if self.max_tokens < 1:
-            raise InputError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+from .options import GenerationOptions
 
 
 def synchronize():

@@ -1,10 +1,14 @@
-"""Finding, checking and loading a Qwen2.5-VL checkpoint: device, dtype, hub download, processor."""
+"""Finding, checking and loading a Qwen2.5-VL checkpoint: device, dtype, hub download, processor.
+
+The command line imports this module for its constants before it knows the arguments are good,
+so Paddle and paddleformers are imported inside the functions that need them."""
 import json
+import logging
 import os
 import warnings
 from typing import Callable, List
 
-from errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 HUBS = ("huggingface", "modelscope", "aistudio")
@@ -64,7 +68,7 @@ def check_model_dir(path: str):
                              "folder in the Hugging Face layout")
     if not any(n.endswith(".safetensors") for n in names):
         raise ModelLoadError(f"model folder {path} has no *.safetensors weights: download the checkpoint "
-                             "completely (or run python -m tools.make_tiny_checkpoint DIR to try without one)")
+                             "completely (or run python -m qwen_vl_psa.tiny_checkpoint DIR to try without one)")
     try:
         with open(os.path.join(path, "config.json")) as f:
             model_type = json.load(f).get("model_type")
@@ -87,22 +91,26 @@ def writable_model_dir(path: str, cache_dir: str) -> str:
     return mirror
 
 
-def quiet_libraries(verbose: bool):
-    """paddleformers and the checkpoint loader log every step at INFO; users want the answer."""
-    import logging
-
+def quiet_imports():
+    """Before Paddle and paddleformers are imported: they read these at import time. setdefault,
+    so a user's own setting wins. Called by the package's __init__."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
     os.environ.setdefault("GLOG_minloglevel", "2")
-    if not verbose:
-        warnings.filterwarnings("ignore")
     # paddleformers warns at import that it hides PyTorch from transformers: true, and not the
     # user's concern. A filter survives the level its logger sets when it is created.
     logging.getLogger("PaddleFormers").addFilter(lambda r: "between PaddlePaddle and PyTorch" not in r.getMessage())
+
+
+def quiet_libraries(verbose: bool):
+    """paddleformers and the checkpoint loader log every step at INFO; users want the answer."""
+    if not verbose:
+        warnings.filterwarnings("ignore")
     import paddleformers  # noqa: F401  (importing it creates its loggers)
 
+    ours = (__package__, "__main__")
     for name in list(logging.root.manager.loggerDict):
-        if name.split(".")[0] not in ("__main__", "infer_qwen2_5_vl_psa", "corpus"):
+        if name.split(".")[0] not in ours:
             logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 

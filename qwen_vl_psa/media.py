@@ -45,10 +45,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from errors import InputError, MediaError, MediaNotFoundError, QwenVLError
-from fetch import cache_folder, cache_name, download, fetch_bytes, one_line, part_file
 from paddleformers.transformers.qwen2_vl import vision_process as _vp
 from paddleformers.transformers.qwen2_vl.vision_process import (
     FPS,
@@ -65,6 +61,10 @@ from paddleformers.transformers.qwen2_vl.vision_process import (
     smart_nframes,
     smart_resize,
 )
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
+from .fetch import cache_folder, cache_name, download, fetch_bytes, one_line, part_file
 
 PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
 FACTOR = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28: one merged token covers a 28x28 pixel square

@@ -19,40 +19,22 @@ conversation=True each question sees the earlier turns: the cache keeps the answ
 turn continues it ("<|im_end|>\\n<|im_start|>user\\n<question>...", text positions after the
 answer's).
 
-With PSA on, how much of the prefix is cached comes from qwen2_5_vl_psa_attention.reusable_prefix,
+With PSA on, how much of the prefix is cached comes from psa_router.reusable_prefix,
 so that every answer equals the answer of a cold single-question run; the session keeps the PSA
 setting it was opened with (enable or disable PSA before opening it).
 """
 import contextlib
 import dataclasses
 import time
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Union
 
-from errors import InputError, SessionClosedError
+import paddle
 
-# Stand-ins for the texts, to split the rendered chat template around them.
-_Q1, _A1, _Q2 = "\x00QUESTION_ONE\x00", "\x00ANSWER_ONE\x00", "\x00QUESTION_TWO\x00"
-
-
-@dataclasses.dataclass
-class TemplateParts:
-    prefix: str  # everything before the first question: system turn, user header, media placeholders
-    question_tail: str  # after a question: "<|im_end|>\n<|im_start|>assistant\n"
-    turn_separator: Optional[str]  # between an answer and the next question: "<|im_end|>\n<|im_start|>user\n"
-
-
-def template_parts(model, media_content: list) -> TemplateParts:
-    """Split the model's chat template into the parts a session tokenises apart."""
-    one = model._chat_text(media_content + [{"type": "text", "text": _Q1}])
-    prefix, tail = one.split(_Q1)
-    two = model._chat_text([{"type": "text", "text": _Q2}],
-                           history=[{"role": "user", "content": media_content + [{"type": "text", "text": _Q1}]},
-                                    {"role": "assistant", "content": _A1}])
-    head, rest = two.split(_A1)
-    sep, tail2 = rest.split(_Q2)
-    # the conversation must render as the first turn's prompt, the answer, then the next turn
-    separator = sep if head == prefix + _Q1 + tail and tail2 == tail else None
-    return TemplateParts(prefix, tail, separator)
+from .errors import InputError, SessionClosedError
+from .generation import Timer, mrope_decode_positions, prefill
+from .options import check_prompt
+from .prompt import MediaInput, template_parts
+from .psa_router import reusable_prefix
 
 
 class MediaSession:
@@ -63,21 +45,18 @@ class MediaSession:
     close() (or leaving a `with` block) releases the KV cache; a closed session cannot be asked.
     """
 
-    def __init__(self, model, media_content: list, media: dict, pre_timings: dict, extra: dict, *,
-                 conversation: bool = False, kind: str = "video"):
-        from qwen2_5_vl_psa_attention import reusable_prefix
-
+    def __init__(self, model, media: MediaInput, *, conversation: bool = False):
         self.model = model
-        self.kind = kind
+        self.kind = media.kind
         self.conversation = bool(conversation)
-        self._extra, self._pre = dict(extra), dict(pre_timings)
-        self._parts = template_parts(model, media_content)
+        self._extra, self._pre = dict(media.info), dict(media.timings)
+        self._parts = template_parts(model.prompts, media.content)
         if self.conversation and self._parts.turn_separator is None:
             raise InputError("this model's chat template does not continue a conversation turn by turn: "
                              "open the session without conversation=True")
         # processor over the prefix: ids with the media placeholders expanded, pixel tensors (the
         # vision encoder runs at the first question); also the context check for the media
-        self._prompt = model._prepare(self._parts.prefix, media)
+        self._prompt = model.prompts.prepare(self._parts.prefix, media.processor_kwargs)
         self.prefix_ids: List[int] = self._prompt.ids
         self.prefix_tokens = len(self.prefix_ids)
         # the attention this session's cache is made with, and how much of the prefix it caches
@@ -99,13 +78,10 @@ class MediaSession:
     # -- asking
     def ask(self, question: str, *, stream: Union[bool, Callable[[str], None]] = False, **gen) -> str:
         """Answer one question about the session's media; generation options as inference_video."""
-        from generation import Timer
-
         self._check_open()
         m = self.model
-        m._check_prompt(question)
-        opts = m._options(gen)
-        m._start_call()
+        check_prompt(question)
+        opts = m.start_call(gen)
         t_start = time.perf_counter()
         with self._attention(self._psa_config):
             m.attention.reset()
@@ -118,7 +94,7 @@ class MediaSession:
                 raise InputError(self._too_long(len(prompt_ids)))
             embeds, positions = self._new_inputs(prompt_ids, start)
             try:
-                ans = m._answer(embeds, positions, self._cache, prompt_ids, opts, stream, t_start)
+                ans = m.answer(embeds, positions, self._cache, prompt_ids, opts, stream, t_start)
             except BaseException:
                 self._cache.crop(start)  # nothing of a failed question stays in the cache
                 raise
@@ -138,16 +114,14 @@ class MediaSession:
 
     def _fill_prefix(self):
         """Vision encoder, then prefill of the cached part of the prefix: once per session."""
-        from generation import Timer, prefill
-
         m, p = self.model, self._prompt
         if p.embeds is None:
-            m._embed_prompt(p)
+            m.prompts.encode_media(p)
             self.vision_encoder_s = p.vision_s
-        cache, n = m._new_cache(), self.cached_tokens
+        cache, n = m.new_cache(), self.cached_tokens
         with Timer() as t:
             if n:
-                pos, _ = m._positions(p.inputs)  # the prefix's own positions: those of the whole prompt
+                pos, _ = m.prompts.positions(p.inputs)  # the prefix's own positions: those of the whole prompt
                 with self._attention(self._prefix_config):
                     prefill(m.model, p.embeds[:, :n], pos[:, :, :n], cache)
         self.prefix_prefill_s = t.s
@@ -168,12 +142,9 @@ class MediaSession:
 
     def _new_inputs(self, prompt_ids: List[int], start: int):
         """Embeddings of prompt_ids[start:] and a positions() for _answer."""
-        import paddle
-        from generation import mrope_decode_positions
-
         m = self.model
         if start == self.cached_tokens:  # the prefix's uncached tail (if any), then the question
-            embeds = m._embed_ids(prompt_ids[self.prefix_tokens:])
+            embeds = m.prompts.embed_ids(prompt_ids[self.prefix_tokens:])
             if self._tail.shape[1]:
                 embeds = paddle.concat([self._tail, embeds], axis=1)
             inputs = {k: v for k, v in self._prompt.inputs.items()
@@ -181,12 +152,12 @@ class MediaSession:
             inputs["input_ids"] = paddle.to_tensor([prompt_ids], dtype="int64")
 
             def positions():  # mrope over the whole ids, sliced: the media's grids shape them
-                pos, deltas = m._positions(inputs)
+                pos, deltas = m.prompts.positions(inputs)
                 return pos[:, :, start:], deltas
             return embeds, positions
         n = len(prompt_ids) - start  # a later conversation turn: text positions after the answer's
         deltas = self._rope_deltas
-        return m._embed_ids(prompt_ids[start:]), lambda: (mrope_decode_positions(start, deltas, n), deltas)
+        return m.prompts.embed_ids(prompt_ids[start:]), lambda: (mrope_decode_positions(start, deltas, n), deltas)
 
     def _after_answer(self, prompt_ids: List[int], ans):
         if not self.conversation:
@@ -207,9 +178,9 @@ class MediaSession:
         if first:  # this question paid for the prefix: its stats read like a cold run's
             proc = {"processor_s": self._prompt.processor_s, "tokenize_s": tokenize_s}
             ans = dataclasses.replace(ans, prefill_s=self.prefix_prefill_s + ans.prefill_s)
-            stats = m._collect_stats(prompt_ids, self._pre, proc, self.vision_encoder_s, ans, self._extra)
+            stats = m.collect_stats(prompt_ids, self._pre, proc, self.vision_encoder_s, ans, self._extra)
         else:
-            stats = m._collect_stats(prompt_ids, {}, {"tokenize_s": tokenize_s}, 0.0, ans, self._extra)
+            stats = m.collect_stats(prompt_ids, {}, {"tokenize_s": tokenize_s}, 0.0, ans, self._extra)
         stats["reuse"] = {
             "mode": self.mode, "question": len(self.turns) + 1,
             "prefix_tokens": self.prefix_tokens, "cached_prefix_tokens": self.cached_tokens,

@@ -35,10 +35,17 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from errors import InputError, QwenVLError
+import paddle
+from tqdm import tqdm
+
+from .engine import QwenVLInference
+from .errors import InputError, QwenVLError
+from .media import guess_media_type, load_image, load_video
+from .options import GenerationOptions, check_fps, default_prompt, psa_config_from_args
 
 FIELDS = ("input", "type", "prompt", "id", "fps", "max_pixels", "min_pixels", "max_frames")
 JSONL_EXTS = (".jsonl", ".ndjson", ".json")
@@ -168,8 +175,6 @@ def select_device_from_env(launch_env: dict, env=None):
     env = os.environ if env is None else env
     if env.get("FLAGS_selected_gpus") or launch_env.get("PADDLE_LOCAL_RANK") is None:
         return
-    import paddle
-
     if paddle.device.is_compiled_with_cuda():
         count = paddle.device.cuda.device_count()
         if count > 1:
@@ -390,8 +395,6 @@ class Loaded:
 
 
 def item_kind(item: Item, default_type: Optional[str]) -> str:
-    from media import guess_media_type
-
     kind = item.type if item.type is not None else default_type or guess_media_type(item.input)
     if kind is None:
         raise InputError(f"cannot tell whether {item.input} is an image or a video: add "
@@ -401,10 +404,8 @@ def item_kind(item: Item, default_type: Optional[str]) -> str:
     return kind
 
 
-def load_item(item: Item, kind: str, opts: "BatchOptions") -> Any:
+def load_item(item: Item, kind: str, opts: BatchOptions) -> Any:
     """PIL image or media.Video: download, decode, sample and resize. Pure: safe in a thread."""
-    from media import load_image, load_video
-
     pick = lambda v, d: d if v is None else v  # noqa: E731
     min_px, max_px = pick(item.min_pixels, opts.min_pixels), pick(item.max_pixels, opts.max_pixels)
     if kind == "video":
@@ -414,7 +415,7 @@ def load_item(item: Item, kind: str, opts: "BatchOptions") -> Any:
     return load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache)
 
 
-def _load(item: Item, opts: "BatchOptions") -> Loaded:
+def _load(item: Item, opts: BatchOptions) -> Loaded:
     start, kind = time.perf_counter(), None
     try:
         kind = item_kind(item, opts.type)  # set first: a load error still reports the kind
@@ -431,13 +432,13 @@ class Prefetcher:
 
     _END = object()
 
-    def __init__(self, items: List[Item], opts: "BatchOptions", depth: int):
+    def __init__(self, items: List[Item], opts: BatchOptions, depth: int):
         self.items, self.opts, self.depth = items, opts, depth
         self.stop = threading.Event()
         self.wait_s = 0.0  # consumer time spent waiting for an item
         if depth > 0:
             self.slots = threading.Semaphore(depth)
-            self.queue: "queue.Queue" = queue.Queue()
+            self.queue: queue.Queue = queue.Queue()
             self.thread = threading.Thread(target=self._run, name="corpus-prefetch", daemon=True)
             self.thread.start()
 
@@ -497,8 +498,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _check_args(args) -> BatchOptions:
-    from generation import GenerationOptions
-
     if not args.batch:
         raise InputError("--merge needs --batch (the inputs file, for the order) and --output")
     if not args.output:
@@ -514,11 +513,8 @@ def _check_args(args) -> BatchOptions:
                          'file as "prompt"); --prompts-file and --conversation do not apply')
     if args.prefetch < 0:
         raise InputError(f"--prefetch must be >= 0, got {args.prefetch}")
-    if args.fps <= 0:
-        raise InputError(f"--fps must be > 0, got {args.fps}")
-    gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-               repetition_penalty=args.repetition_penalty, seed=args.seed)
-    GenerationOptions(**gen).validate()
+    check_fps(args.fps)
+    gen = GenerationOptions.from_args(args).as_dict()
     return BatchOptions(type=args.type, fps=args.fps, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                         max_frames=args.max_frames, media_cache=os.path.join(args.cache_dir, "media"),
                         prompt=args.prompt[0] if args.prompt else None, gen=gen)
@@ -575,8 +571,6 @@ def _run_share(args, opts: BatchOptions, items: List[Item], rank: int, world: in
 
 
 def _load_model(args, launch_env: dict):
-    from infer_qwen2_5_vl_psa import QwenVLInference, psa_config_from_args
-
     select_device_from_env(launch_env)
     return QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_config_from_args(args),
                            cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,
@@ -585,8 +579,6 @@ def _load_model(args, launch_env: dict):
 
 def _process(model, todo: List[Item], total: int, opts: BatchOptions, depth: int, writer: LineWriter,
              counts: dict, who: str, debug: bool):
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=total - len(todo), unit="item", desc=who.rstrip(": ") or "batch",
                file=sys.stderr, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
     bar.set_postfix(failed=0, refresh=False)
@@ -605,7 +597,7 @@ def _process(model, todo: List[Item], total: int, opts: BatchOptions, depth: int
 
 def _answer(model, loaded: Loaded, waited: float, opts: BatchOptions, debug: bool) -> dict:
     it = loaded.item
-    prompt = it.prompt if it.prompt is not None else opts.prompt or (loaded.kind and f"Describe this {loaded.kind}.")
+    prompt = it.prompt if it.prompt is not None else opts.prompt or (loaded.kind and default_prompt(loaded.kind))
     rec = {"id": it.id, "input": it.input, "type": loaded.kind, "prompt": prompt}
     error = loaded.error
     if error is None:
@@ -625,8 +617,6 @@ def _answer(model, loaded: Loaded, waited: float, opts: BatchOptions, debug: boo
         except Exception as e:  # a bad item never stops the run
             error = e
     if debug and not isinstance(error, QwenVLError):
-        import traceback
-
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     rec.update(error=_one_line(error), error_type=type(error).__name__)
     return rec

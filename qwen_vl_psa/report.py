@@ -11,7 +11,8 @@ def format_stats(s: dict) -> str:
         f"model           {s['model']} on {s['device']} ({s['dtype']})",
         f"model load      {s['model_load_s']:.2f} s",
         f"preprocess      {s['preprocess_s']:.3f} s  ({', '.join(f'{k} {v:.3f}' for k, v in s['preprocess'].items())})",
-        f"vision encoder  {s['vision_encoder_s']:.3f} s" + ("  (media reused)" if s.get("reuse", {}).get("hit") else ""),
+        f"vision encoder  {s['vision_encoder_s']:.3f} s" + ("  (media reused)" if s.get("reuse", {}).get("hit")
+                                                          else ""),
         f"prefill         {s['prefill_s']:.3f} s  (time to first token {s['time_to_first_token_s']:.3f} s)",
         f"decode          {rate}",
         f"input tokens    {tok['total']}  (text {tok['text']}, image {tok['image']}, video {tok['video']})",

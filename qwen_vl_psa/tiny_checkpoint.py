@@ -1,6 +1,6 @@
 """Write a randomly initialised, tiny Qwen2.5-VL in the official Hugging Face layout.
 
-    python -m tools.make_tiny_checkpoint DIR [--seed 0] [--layers 2] [--hidden 64]
+    python -m qwen_vl_psa.tiny_checkpoint DIR [--seed 0] [--layers 2] [--hidden 64]
 
 DIR then holds what a downloaded Qwen/Qwen2.5-VL-*-Instruct folder holds: config.json in the
 published format, sharded safetensors with an index (hub key names, torch orientation), a small

@@ -1,0 +1,238 @@
+"""QwenVLInference: load Qwen2.5-VL once, then answer about images and videos many times.
+
+    m = QwenVLInference("Qwen/Qwen2.5-VL-7B-Instruct", use_psa=True)
+    m.inference_video("talk.mp4", "Summarise the talk.", fps=1.0, stream=True)
+    m.print_stats()
+
+The public steps behind every entry point (single calls, sessions, corpus mode) are:
+
+    media = m.load_video(src, fps=1.0)                 # or m.load_images([...]): a MediaInput
+    opts = m.start_call(gen_options_dict)              # validated GenerationOptions, peak memory reset
+    prompt = m.prompts.prepare(m.prompts.chat_text(media.with_question(q)), media.processor_kwargs)
+    m.prompts.encode_media(prompt)                     # the vision encoder
+    ans = m.answer(prompt.embeds, positions, m.new_cache(), prompt.ids, opts, stream, t_start)
+    stats = m.collect_stats(prompt.ids, media.timings, {...}, prompt.vision_s, ans, media.info)
+
+`ask(media, question, **gen)` runs them in order for one cold question.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import paddle
+from paddleformers.transformers.cache_utils import DynamicCache
+
+from .errors import InputError
+from .generation import TextStream, Timer, decode, prefill
+from .loading import (
+    DEFAULT_MODEL,
+    load_model_and_processor,
+    peak_memory,
+    pick_device_and_dtype,
+    quiet_libraries,
+    resolve_model_dir,
+    stop_token_ids,
+    writable_model_dir,
+)
+from .media import Video, load_image, load_video
+from .options import DEFAULT_FPS, GenerationOptions, check_prompt
+from .prompt import MediaInput, Prompt, PromptBuilder
+from .psa_router import apply_psa, install_router
+from .report import format_stats
+from .session import MediaSession
+
+Stream = Union[bool, Callable[[str], None]]
+
+
+@dataclass
+class Answer:
+    """One generated answer and its timings."""
+    text: str
+    token_ids: List[int]  # without the stop token
+    stopped_by: str  # "eos" or "max_tokens"
+    rope_deltas: Any  # continues the mrope positions for text after the prompt
+    prefill_s: float
+    decode_s: float
+    ttft: float  # seconds from the call's start to the first token
+
+
+class QwenVLInference:
+    """Load Qwen2.5-VL once; describe images, several images and videos many times."""
+
+    def __init__(self, model_name: str = DEFAULT_MODEL, dtype: str = "bfloat16", use_psa: bool = False,
+                 psa_config=None, cache_dir: str = "./model_cache", hub: str = "huggingface",
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, verbose: bool = True):
+        self.verbose = verbose
+        self.cache_dir = cache_dir
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        quiet_libraries(verbose)
+        with Timer() as t:
+            self.device, self.dtype = pick_device_and_dtype(dtype, self._warn)
+            path = resolve_model_dir(model_name, cache_dir, hub)
+            self.model_dir = path
+            self.model, self.processor = load_model_and_processor(writable_model_dir(path, cache_dir),
+                                                                  self.dtype, self.device)
+        self.model_name = model_name
+        self.prompts = PromptBuilder(self.model, self.processor, self.dtype)
+        self.tokenizer = self.processor.tokenizer
+        self.stop_ids = stop_token_ids(path, self.model, self.tokenizer)
+        self.max_context = self.prompts.max_context
+        self.load_s = t.s
+        self.stats: dict = {}
+        self.last_token_ids: List[int] = []
+        # The router is in place even without PSA: it gives prefill that continues a cache the
+        # right causal offsets, which the model's own sdpa path does not.
+        self.attention = install_router(self.model)
+        if use_psa or psa_config is not None:
+            self.enable_psa(psa_config)
+
+    # -- PSA on and off on the loaded model
+    @property
+    def psa(self):
+        """The PSA state (config and stats) while PSA is on, else None."""
+        return self.attention if self.attention.config is not None else None
+
+    def enable_psa(self, psa_config=None):
+        apply_psa(self.model, psa_config)
+
+    def disable_psa(self):
+        self.attention.config = None
+
+    # -- single questions
+    def inference_image(self, image, prompt: str, **kw) -> str:
+        """image: path, file:// or http(s) URL, data: URI or PIL image."""
+        return self.inference_multi_image([image], prompt, **kw)
+
+    def inference_multi_image(self, images: Sequence, prompt: str, *, min_pixels=None, max_pixels=None,
+                              **kw) -> str:
+        return self.ask(self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels), prompt, **kw)
+
+    def inference_video(self, video, prompt: str, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
+                        max_frames=None, **kw) -> str:
+        """video: file path, http(s) URL, a folder of frame images, or a media.Video already loaded
+        (by media.load_video, e.g. in a prefetch thread; then fps and the pixel limits are its own)."""
+        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames)
+        return self.ask(media, prompt, **kw)
+
+    # -- several questions about the same media: the media prefix is prefilled once
+    def open_video(self, video, fps: float = DEFAULT_FPS, *, conversation: bool = False, min_pixels=None,
+                   max_pixels=None, max_frames=None) -> MediaSession:
+        """A session over one video: `s.ask(question)` any number of times; see session.py.
+
+        The video is loaded now; its vision encoding and prefill happen once, at the first question,
+        and every question reuses them. conversation=True: each question sees the earlier turns.
+        """
+        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames)
+        return MediaSession(self, media, conversation=conversation)
+
+    def open_images(self, images: Sequence, *, conversation: bool = False, min_pixels=None,
+                    max_pixels=None) -> MediaSession:
+        """A session over one or more images, as open_video."""
+        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels)
+        return MediaSession(self, media, conversation=conversation)
+
+    # -- the public steps
+    def load_images(self, images: Sequence, *, min_pixels=None, max_pixels=None) -> MediaInput:
+        """Fetch, decode and resize images (the engine's pixel limits unless given)."""
+        if not images:
+            raise InputError("no images given: pass at least one path, URL or PIL image")
+        with Timer() as t:
+            pil = [load_image(im, min_pixels=min_pixels or self.min_pixels,
+                              max_pixels=max_pixels or self.max_pixels, cache_dir=self.media_cache)
+                   for im in images]
+        return MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
+
+    def load_video(self, video, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
+                   max_frames=None) -> MediaInput:
+        """Fetch, decode, sample and resize a video (a media.Video is taken as it is)."""
+        v = video if isinstance(video, Video) else load_video(
+            video, fps=fps, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels,
+            max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose)
+        return MediaInput.video(v)
+
+    def start_call(self, gen: dict) -> GenerationOptions:
+        """Validated generation options (seeded), and the per-call peak-memory counter reset."""
+        opts = GenerationOptions(**gen).validate()
+        if opts.seed is not None:
+            paddle.seed(opts.seed)
+        if self.device == "gpu":
+            paddle.device.cuda.reset_max_memory_allocated()
+        return opts
+
+    def new_cache(self):
+        return DynamicCache(config=self.model.config.text_config)
+
+    def ask(self, media: MediaInput, question: str, *, stream: Stream = False, **gen) -> str:
+        """One question, cold: the whole prompt prefilled into a fresh cache."""
+        check_prompt(question)
+        opts = self.start_call(gen)
+        t_start = time.perf_counter()
+        prompt = self.prompts.prepare(self.prompts.chat_text(media.with_question(question)), media.processor_kwargs)
+        self.prompts.encode_media(prompt)
+        self.attention.reset()
+        cache = self.new_cache()
+        ans = self.answer(prompt.embeds, lambda: self.prompts.positions(prompt.inputs), cache, prompt.ids, opts,
+                          stream, t_start)
+        del cache
+        self.last_token_ids = ans.token_ids
+        self.stats = self.collect_stats(prompt.ids, media.timings, {"processor_s": prompt.processor_s},
+                                        prompt.vision_s, ans, media.info)
+        return ans.text
+
+    def answer(self, embeds, positions, cache, seen: List[int], opts: GenerationOptions, stream: Stream,
+               t_start: float) -> Answer:
+        """Prefill `embeds` (the tokens after those already in `cache`) at `positions()` -> (pos,
+        rope_deltas), then decode until a stop token or max_tokens, streaming the text."""
+        callback = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream is True else (stream or None)
+        text_stream = TextStream(self.tokenizer, callback)
+        with Timer() as t_pre:
+            pos, rope_deltas = positions()
+            logits = prefill(self.model, embeds, pos, cache)
+        ttft = time.perf_counter() - t_start
+        with Timer() as t_dec:
+            out_ids, stopped_by = decode(self.model, logits, cache, rope_deltas, self.stop_ids, opts, text_stream,
+                                         seen)
+        text = text_stream.end()
+        return Answer(text, out_ids, stopped_by, rope_deltas, t_pre.s, t_dec.s, ttft)
+
+    def collect_stats(self, ids: List[int], pre: dict, proc: dict, vis_s: float, ans: Answer, info: dict) -> dict:
+        """The stats dict of one answer. pre: media timings; proc: this call's own preprocessing steps."""
+        n_out, decode_s = len(ans.token_ids), ans.decode_s
+        stats = {
+            "model": self.model_name, "device": self.device, "dtype": self.dtype,
+            "model_load_s": self.load_s,
+            "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
+            "vision_encoder_s": vis_s,
+            "prefill_s": ans.prefill_s,
+            "time_to_first_token_s": ans.ttft,
+            "decode_s": decode_s,
+            # the first output token comes from the prefill; decoding makes the rest
+            "decode_tokens_per_s": (max(n_out - 1, 0) / decode_s) if decode_s > 0 and n_out > 1 else None,
+            "input_tokens": self.prompts.count_tokens(ids),
+            "output_tokens": n_out,
+            "stopped_by": ans.stopped_by,
+            **peak_memory(self.device),
+            **info,
+        }
+        if self.psa is not None:
+            stats["psa"] = self.psa.summary()
+        return stats
+
+    @property
+    def media_cache(self) -> str:
+        return os.path.join(self.cache_dir, "media")
+
+    def _warn(self, msg: str):
+        if self.verbose:
+            print(f"warning: {msg}", file=sys.stderr)
+
+    def print_stats(self, file=None):
+        """The last call's numbers, one per line."""
+        print(format_stats(self.stats), file=file or sys.stdout)
+
+
+__all__ = ["QwenVLInference", "Answer", "Prompt"]

@@ -104,7 +104,7 @@ class AttentionConfig:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}.")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AttentionConfig":
+    def from_dict(cls, d: dict) -> AttentionConfig:
         """Build from a JSON-like dict; unknown keys are an error, not silently dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)

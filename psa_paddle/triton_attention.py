@@ -27,7 +27,6 @@ Three launches, none of which needs the host to look at device data:
 
 from __future__ import annotations
 
-
 from . import launch as _launch
 from . import tiles as _tiles
 from .config import block_from_levels_shape

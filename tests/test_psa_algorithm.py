@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
-from psa_paddle import AttentionConfig, PSAStats, flop_sparsity, psa_attention
+from psa_paddle import AttentionConfig, PSAStats, TritonBackendError, flop_sparsity, psa_attention
 from psa_paddle.attention import dense_causal_attention, pyramid_attention_paddle
 from psa_paddle.estimate import block_importance
 from psa_paddle.mask import compute_levels, force_blocks, levels_from_importance, similarity_cap
@@ -429,7 +429,7 @@ def test_bf16_output_dtype_and_backend_choice():
     stats = PSAStats()
     out = psa_attention(q, k, k, AttentionConfig(query_block=64, min_seq_len=0), stats=stats)
     assert out.dtype == paddle.bfloat16 and stats.calls[0].backend == "paddle"  # auto on CPU
-    with pytest.raises(RuntimeError, match="GPU"):
+    with pytest.raises(TritonBackendError, match="GPU"):
         psa_attention(q, k, k, AttentionConfig(query_block=64, min_seq_len=0, backend="triton"))
 
 
@@ -454,11 +454,11 @@ def test_triton_backend_wiring(monkeypatch):
         imp = block_importance(q, k, cfg, q_offset)
         return compute_levels(imp, k, cfg, q_offset), imp
 
-    def fake_attn(q, k, v, levels, q_offset, scale):
+    def fake_attn(q, k, v, levels, q_offset, scale, **kw):
         calls.append("attention")
         return pyramid_attention_paddle(q, k, v, levels, q_offset, scale)
 
-    def refuse(*args):
+    def refuse(*args, **kw):
         raise ValueError("head_dim must be a power of two")
 
     rng = np.random.default_rng(8)
@@ -485,7 +485,15 @@ def test_triton_backend_wiring(monkeypatch):
     assert (stats.calls[0].backend, stats.calls[0].estimate) == ("paddle", "paddle")
     with pytest.raises(ValueError, match="power of two"):
         psa_attention(q, k, v, AttentionConfig(backend="triton", **small))
-    monkeypatch.setattr(psa_mod, "_import_triton", lambda name: None)  # modules failed to import
-    assert psa_attention(q, k, v, AttentionConfig(backend="auto", **small)).shape == [1, 2, 200, 64]
-    with pytest.raises(RuntimeError, match="failed to import"):
+
+    def no_triton(name):
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(psa_mod, "_import_triton", no_triton)  # modules failed to import
+    with pytest.raises(TritonBackendError, match="not importable"):
         psa_attention(q, k, v, AttentionConfig(backend="triton", **small))
+    try:
+        with pytest.warns(UserWarning, match="Triton is off for this process: Triton is not importable"):
+            assert psa_attention(q, k, v, AttentionConfig(backend="auto", **small)).shape == [1, 2, 200, 64]
+    finally:
+        psa_mod.reset_triton_state()

@@ -119,6 +119,9 @@ def ensure_driver():
     current = getattr(_cfg, "_active", None)
     if current is not None:
         return current
+    if not hasattr(_cfg, "set_active"):  # a Triton whose driver registry we do not know
+        with _paddle_torch_proxy() if "torch" not in sys.modules else contextlib.nullcontext():
+            return _cfg.active
     from triton.backends import backends
 
     nvidia = backends.get("nvidia")

@@ -50,16 +50,20 @@ class TileSet:
 # Triton 3.9 (tests/test_gpu_targets.py prints them): see each comment.
 TILE_SETS = (
     # 9.0 (H100/H200/GH200), 10.0 (B200/GB200): 227 KiB per block. The H200-tuned
-    # (128, 128, 64, 8, 3) needs 224 KiB there, 3 KiB spare: two stages instead (160 KiB).
+    # (128, 128, 64, 8, 3) needs 224 KiB there (3 KiB spare): two stages instead, 160 KiB.
+    # Estimate (64, 128, 8, 3): 144 KiB.
     TileSet("datacenter Hopper/Blackwell", 90, 227 * KIB,
             attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 8, 3)),
-    # 8.0 (A100/A800/A30), 8.7 (Orin): 163 KiB.
+    # 8.0 (A100/A800/A30), 8.7 (Orin): 163 KiB. On 8.x (mma.sync) the same tiles need less:
+    # attention 96 KiB with 2 stages (3 stages: 160 KiB, too close), estimate 96 KiB.
     TileSet("datacenter Ampere", 80, 163 * KIB,
-            attention=(128, 64, 32, 4, 2), dense=(128, 64, 32, 4, 2), estimate=(64, 128, 8, 2)),
+            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 8, 3)),
     # 8.6 (A10/A40/RTX 30), 8.9 (L4/L40S/RTX 40), 12.0 (RTX 50/RTX PRO): 99 KiB.
+    # Attention 64 KiB (128x128 tiles: 96 KiB, too close), estimate 48 KiB.
     TileSet("99 KiB cards (Ampere/Ada/Blackwell workstation)", 80, 99 * KIB,
-            attention=(64, 64, 32, 4, 2), dense=(64, 64, 32, 4, 2), estimate=(64, 64, 4, 2)),
+            attention=(128, 64, 32, 4, 2), dense=(128, 64, 32, 4, 2), estimate=(64, 128, 8, 2)),
     # 7.5 (T4, RTX 20): 64 KiB, float16 only (no bfloat16 tensor cores).
+    # Attention 48 KiB, estimate 32 KiB.
     TileSet("Turing", 75, 64 * KIB,
             attention=(64, 32, 16, 4, 1), dense=(64, 32, 16, 4, 1), estimate=(32, 64, 4, 2)),
 )

@@ -17,7 +17,6 @@ PyTorch tensors are the host arrays (never imported by the product). Run:
 from __future__ import annotations
 
 # ruff: noqa: B023  (the lambdas are timed at once, inside their loop iteration)
-
 import argparse
 import datetime
 import json

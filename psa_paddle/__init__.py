@@ -9,6 +9,7 @@ from .psa import (
     psa_attention,
     reset_triton_state,
     triton_off_reason,
+    warmup,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "reset_triton_state",
     "triton_off_reason",
     "TritonBackendError",
+    "warmup",
 ]

@@ -505,3 +505,36 @@ def _psa_one(q, k, v, cfg, q_offset, scale, call, timed):
         h = level_histogram_device(levels, q_offset, cfg.query_block, Lk)
         call._hist_dev = h if call._hist_dev is None else call._hist_dev + h
     return out
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+def warmup(num_heads: int, num_kv_heads: int, head_dim: int, dtype: str, cfg: AttentionConfig) -> float:
+    """Compile the Triton kernels now, for this model's head counts, head size and dtype, so
+    that no prefill pays for it; seconds spent (0.0 where nothing is compiled: a CPU, or
+    backend="paddle"). Call once per process at model load.
+
+    Triton specialises a kernel on its integer arguments (== 1, divisible by 16), so it runs a
+    block-aligned and an unaligned length, a fresh prefill and one after cached tokens, and the
+    dense kernel below min_seq_len; a length with another pattern compiles at its first use.
+    Triton keeps every compiled kernel on disk (``~/.triton/cache`` or ``$TRITON_CACHE_DIR``):
+    a later process loads them instead of compiling. A Triton failure here takes the usual
+    way: one warning, Triton off, the dense fallback.
+    """
+    if cfg.backend == "paddle" or not paddle.device.get_device().startswith("gpu"):
+        return 0.0
+    import dataclasses
+
+    t0 = time.perf_counter()
+    blk = cfg.query_block
+    psa_cfg = dataclasses.replace(cfg, min_seq_len=0, text_length=min(cfg.text_length, 2 * blk))
+    dense_cfg = dataclasses.replace(cfg, min_seq_len=1 << 30)
+    for L in (16 * blk, 16 * blk - 3):
+        q = paddle.randn([1, num_heads, L, head_dim]).astype(dtype)
+        k = paddle.randn([1, num_kv_heads, L, head_dim]).astype(dtype)
+        v = paddle.randn([1, num_kv_heads, L, head_dim]).astype(dtype)
+        for c in (psa_cfg, dense_cfg):
+            psa_attention(q, k, v, c)
+            psa_attention(q[:, :, -100:], k, v, c)  # a question after cached tokens
+    paddle.device.synchronize()
+    return time.perf_counter() - t0

@@ -26,7 +26,10 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import paddle
 from paddleformers.transformers.cache_utils import DynamicCache
 
-from .errors import InputError
+from psa_paddle import warmup as psa_warmup
+from psa_paddle.versions import paddle_problem
+
+from .errors import InputError, ModelLoadError
 from .generation import TextStream, Timer, decode, prefill
 from .loading import (
     DEFAULT_MODEL,
@@ -70,6 +73,9 @@ class QwenVLInference:
         self.cache_dir = cache_dir
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         quiet_libraries(verbose)
+        problem = paddle_problem(paddle)
+        if problem:
+            raise ModelLoadError(problem)
         with Timer() as t:
             self.device, self.dtype = pick_device_and_dtype(dtype, self._warn)
             path = resolve_model_dir(model_name, cache_dir, hub)
@@ -82,6 +88,8 @@ class QwenVLInference:
         self.stop_ids = stop_token_ids(path, self.model, self.tokenizer)
         self.max_context = self.prompts.max_context
         self.load_s = t.s
+        self.psa_warmup_s = 0.0  # Triton kernel compilation at load (PSA on, GPU), not in any TTFT
+        self._psa_warm = False
         self.stats: dict = {}
         self.last_token_ids: List[int] = []
         # The router is in place even without PSA: it gives prefill that continues a cache the
@@ -97,7 +105,15 @@ class QwenVLInference:
         return self.attention if self.attention.config is not None else None
 
     def enable_psa(self, psa_config=None):
-        apply_psa(self.model, psa_config)
+        state = apply_psa(self.model, psa_config)
+        if not self._psa_warm:
+            # once per process: compile PSA's kernels for this model now, not in the first prefill
+            tc = self.model.config.text_config
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            self.psa_warmup_s = psa_warmup(tc.num_attention_heads, tc.num_key_value_heads, head_dim, self.dtype,
+                                           state.config)
+            self.load_s += self.psa_warmup_s
+            self._psa_warm = True
 
     def disable_psa(self):
         self.attention.config = None
@@ -205,6 +221,7 @@ class QwenVLInference:
         stats = {
             "model": self.model_name, "device": self.device, "dtype": self.dtype,
             "model_load_s": self.load_s,
+            "psa_warmup_s": self.psa_warmup_s,
             "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
             "vision_encoder_s": vis_s,
             "prefill_s": ans.prefill_s,

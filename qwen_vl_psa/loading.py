@@ -114,17 +114,38 @@ def quiet_libraries(verbose: bool):
             logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
+# paddleformers' fused kernels that the Qwen2.5-VL path can turn on, and the dtypes Paddle 3.3
+# registers each one's GPU kernel for (none has a CPU kernel). fuse_rms_norm is on unless told
+# otherwise (paddleformers/nn/norm.py); Paddle registers the GPU fused_rms_norm_ext for float32,
+# float64 and bfloat16 only, so float16 must take the unfused RMSNorm. fuse_swiglu is off by
+# default and stays off (its gain is small here; one less kernel to trust per dtype).
+FUSED_OPS_GPU_DTYPES = {
+    "fuse_rms_norm": ("float32", "float64", "bfloat16"),
+    "fuse_swiglu": (),
+}
+
+
+def model_overrides(device: str, dtype: str) -> dict:
+    """Config values for the model, its text and its vision config, on this device and dtype:
+    each fused op only where its kernel exists; sdpa attention on a GPU, eager on a CPU."""
+    out = {name: device == "gpu" and dtype in dtypes for name, dtypes in FUSED_OPS_GPU_DTYPES.items()}
+    out["_attn_implementation"] = "sdpa" if device == "gpu" else "eager"
+    return out
+
+
+def configure_model(cfg, device: str, dtype: str):
+    """Apply model_overrides to a Qwen2_5_VLConfig and both of its sub-configs; returns cfg."""
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        for name, value in model_overrides(device, dtype).items():
+            setattr(c, name, value)
+    return cfg
+
+
 def load_model_and_processor(path: str, dtype: str, device: str):
     import paddle
     from paddleformers.transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    cfg = Qwen2_5_VLConfig.from_pretrained(path)
-    if device == "cpu":  # the fused RMSNorm kernel exists only for GPUs
-        for c in (cfg, cfg.text_config, cfg.vision_config):
-            c.fuse_rms_norm = False
-    attn = "sdpa" if device == "gpu" else "eager"
-    for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = attn
+    cfg = configure_model(Qwen2_5_VLConfig.from_pretrained(path), device, dtype)
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=cfg, convert_from_hf=True,
                                                                    dtype=dtype)

@@ -242,3 +242,32 @@ def test_plain_enable_compat_would_leave_the_proxy():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "True", r.stdout + r.stderr
+
+
+def test_use_psa_where_triton_cannot_run_warns_once_and_answers(model, monkeypatch):
+    """As a new user on a GPU box where Triton cannot run: PSA on, the real Triton fails at its
+    first launch (this machine has no CUDA driver), one warning, and the answer is the dense one.
+    The CPU tensors stand in for GPU ones (psa._on_gpu patched)."""
+    pytest.importorskip("triton")
+    frames = (np.random.default_rng(3).random((8, 112, 140, 3)) * 255).astype(np.uint8)
+    from qwen_vl_psa.prompt import MediaInput
+
+    def ask():
+        media = MediaInput([{"type": "video"}], {"videos": [frames], "fps": 2.0}, kind="video")
+        return model.ask(media, "What happens?", max_tokens=6)
+
+    dense = ask()
+    dense_ids = list(model.last_token_ids)
+    monkeypatch.setattr(psa_mod, "_on_gpu", lambda place: True)
+    model.enable_psa(AttentionConfig(query_block=64, min_seq_len=0, text_length=64))
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            answer = ask()
+        msgs = _psa_warnings(record)
+        assert len(msgs) == 1 and "no usable CUDA driver" in msgs[0], msgs
+        assert answer == dense and model.last_token_ids == dense_ids
+        s = model.stats["psa"]
+        assert "no usable CUDA driver" in s["triton_off"]
+    finally:
+        model.disable_psa()

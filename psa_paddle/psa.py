@@ -21,7 +21,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import paddle
 
 from .attention import dense_causal_attention, pyramid_attention_paddle
@@ -162,25 +161,17 @@ def sparsity_from_hist(hist: dict) -> float:
     return 1.0 - kept / n
 
 
-@functools.lru_cache(maxsize=64)
-def _causal_block_mask(qb0: int, nQB: int, nKB: int, place_key: str):
-    causal = np.arange(nKB)[None, :] <= (qb0 + np.arange(nQB))[:, None]
-    return causal
-
-
 def level_histogram_device(levels: paddle.Tensor, q_offset: int, BLK: int, Lk: int) -> paddle.Tensor:
     """levels [B, H, nQB, nKB] -> int64 [5] on levels' device: counts of HIST_LEVELS over causal
-    pairs (kb <= qb0 + row). No host synchronisation."""
+    pairs (kb <= qb0 + row). Device ops only: no host copy, no synchronisation."""
     nQB, nKB = levels.shape[-2:]
     qb0 = q_offset // BLK
     if nKB != -(-Lk // BLK) or nQB != nKB - qb0:
         raise ValueError(f"levels shape {levels.shape} does not fit Lk={Lk}, q_offset={q_offset}, BLK={BLK}")
-    causal = paddle.to_tensor(_causal_block_mask(qb0, nQB, nKB, str(levels.place)), place=levels.place)
-    # non-causal pairs count as level -1, which no bucket matches
+    causal = paddle.arange(nKB).reshape([1, nKB]) <= (paddle.arange(nQB) + qb0).reshape([nQB, 1])
+    # pairs above the diagonal count as level -1, which no bucket matches
     lv = paddle.where(causal, levels.astype("int32"), paddle.full_like(levels, -1, "int32"))
-    lv = lv.reshape([-1, 1])
-    ref = paddle.to_tensor(np.array(HIST_LEVELS, np.int32).reshape(1, -1), place=levels.place)
-    return (lv == ref).astype("int64").sum(axis=0)
+    return paddle.stack([(lv == r).astype("int64").sum() for r in HIST_LEVELS])
 
 
 def level_histogram(levels: paddle.Tensor, q_offset: int, BLK: int, Lk: int) -> dict:

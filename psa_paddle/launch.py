@@ -14,6 +14,12 @@ This is the only module that knows about it. The kernels in ``triton_attention``
 * in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests) launches directly: there is no
   stream.
 
+Before the first launch it creates Triton's driver (:func:`ensure_driver`): Triton >= 3.8's
+CUDA driver needs no framework; older ones read ``torch.cuda`` while they are created, and get
+Paddle's ``torch`` proxy for that moment only, so no ``torch`` module stays behind in
+``sys.modules``. Driver failures (no libcuda, no C compiler) surface here, at the first launch,
+where psa.py's fail-over catches them.
+
 It also holds the small host-array helpers the wrappers need (allocate on the tensor's device,
 strides, contiguity) so that the kernels' modules never import a framework, and
 :func:`install_interpreter_shim`, which lets the interpreter take Paddle CPU tensors. The shim is

@@ -104,29 +104,35 @@ def check_architecture(path: str, raw: dict):
 
 
 def _layout_of_config(raw: dict) -> str:
-    version = str(raw.get("transformers_version") or "0")
-    if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 5:
-        return "transformers5"
-    if "text_config" in raw and "hidden_size" not in raw:
-        return "transformers5"
-    return "transformers4" if "text_config" in raw else "hub"
+    """The saving library's version when the config names it, else its shape."""
+    major = str(raw.get("transformers_version") or "").split(".")[0]
+    if "text_config" not in raw:
+        return "hub"
+    if major.isdigit():
+        return "transformers5" if int(major) >= 5 else "transformers4"
+    return "transformers5" if "hidden_size" not in raw else "transformers4"
 
 
 def hub_config(raw: dict) -> dict:
     """Any layout's config.json as the official repos write it (flat text keys, rope_scaling mrope).
 
     The nested text_config (transformers >= 4.52) holds the numbers transformers itself uses, so
-    it wins over the flat copies; tie_word_embeddings is read at the top first (transformers 5
-    writes it only there). pad_token_id is dropped: Paddle's embedding returns zeros for that id
-    where PyTorch returns its row, and the official configs carry none."""
+    it wins over the flat copies, except where it says null (4.52 - 4.57 write image_token_id:
+    null there). tie_word_embeddings is where that version's transformers reads it: the
+    text_config's for 4.x (whose top level may lack it or even say false for a tied model), the
+    top level's for 5 (the only place 5 writes it). pad_token_id is dropped: Paddle's embedding
+    returns zeros for that id where PyTorch returns its row, and the official configs carry none."""
     text = raw.get("text_config") or {}
     if not isinstance(text, dict):
         raise ModelLoadError("config.json has a text_config that is not an object")
     skip = {"text_config", "rope_parameters", "rope_scaling", "dtype", "torch_dtype", "pad_token_id",
             "tie_word_embeddings", "layer_types", "_name_or_path"}
+    top_only = {"model_type", "architectures", "image_token_id", "video_token_id", "vision_start_token_id",
+                "vision_end_token_id", "vision_token_id"}
     cfg = {k: v for k, v in raw.items() if k not in skip}
-    cfg.update({k: v for k, v in text.items() if k not in skip | {"model_type", "architectures"}})
-    for tie in (raw.get("tie_word_embeddings"), text.get("tie_word_embeddings")):
+    cfg.update({k: v for k, v in text.items() if k not in skip | top_only and v is not None})
+    ties = (raw.get("tie_word_embeddings"), text.get("tie_word_embeddings"))
+    for tie in (ties if _layout_of_config(raw) == "transformers5" else ties[::-1]):
         if tie is not None:
             cfg["tie_word_embeddings"] = bool(tie)
             break

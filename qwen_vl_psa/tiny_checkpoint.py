@@ -247,14 +247,18 @@ def layout_config(cfg: dict, layout: str, tie: bool, dtype: str) -> dict:
         return cfg
     mrope = cfg["rope_scaling"]["mrope_section"]
     if layout == "transformers4":
-        # 4.52 - 4.57 keep the flat keys and add a text_config copy; the text config rewrites
-        # the rope type "mrope" to "default" in the dict both share.
+        # 4.52 - 4.57 keep the flat keys and add a text_config copy, as a 4.52.4 save of a 3B
+        # fine-tune has it: the text config rewrites the rope type "mrope" to "default" in the dict
+        # both share, holds tie_word_embeddings (the top level has none), the media token ids as
+        # null, and often the trainer's pad_token_id.
         rope = {"mrope_section": mrope, "rope_type": "default", "type": "default"}
         text = {k: cfg[k] for k in TEXT_KEYS}
         text.update({"model_type": "qwen2_5_vl_text", "rope_scaling": rope, "tie_word_embeddings": tie,
                      "torch_dtype": dtype, "layer_types": ["full_attention"] * cfg["num_hidden_layers"],
-                     "architectures": cfg["architectures"], "vision_token_id": cfg["vision_token_id"]})
-        cfg.update({"rope_scaling": dict(rope), "text_config": text, "transformers_version": "4.56.1"})
+                     "architectures": cfg["architectures"], "vision_token_id": cfg["vision_token_id"],
+                     "image_token_id": None, "video_token_id": None, "pad_token_id": cfg["bos_token_id"]})
+        cfg.update({"rope_scaling": dict(rope), "text_config": text, "transformers_version": "4.52.4"})
+        del cfg["tie_word_embeddings"]
         cfg["vision_config"] = {**cfg["vision_config"], "model_type": "qwen2_5_vl", "torch_dtype": dtype,
                                 "initializer_range": 0.02}
         return cfg

@@ -230,6 +230,21 @@ def test_configs_of_all_layouts_agree(make):
                     assert other.get(k) == v, (layout, k)
 
 
+def test_tie_is_read_where_each_transformers_version_keeps_it():
+    """4.5x may write tie_word_embeddings: false at the top for a tied model (its text_config holds
+    the real value); 5 writes it only at the top."""
+    base = {"model_type": "qwen2_5_vl", "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "vision_config": {}}
+    v4 = {**base, "transformers_version": "4.55.4", "tie_word_embeddings": False,
+          "text_config": {"tie_word_embeddings": True, "hidden_size": 16, "image_token_id": None}}
+    v5 = {**base, "transformers_version": "5.3.0", "tie_word_embeddings": True, "image_token_id": 7,
+          "text_config": {"hidden_size": 16, "image_token_id": None}}
+    assert hub_config(v4)["tie_word_embeddings"] is True
+    assert hub_config(v5)["tie_word_embeddings"] is True
+    assert hub_config(v5)["image_token_id"] == 7  # a null in text_config does not win
+    assert "pad_token_id" not in hub_config({**v4, "text_config": {**v4["text_config"], "pad_token_id": 3}})
+
+
 # ----------------------------------------------------------------------------- never written to
 
 def test_hub_cache_snapshot_of_symlinks_is_not_written(tiny_model_dir, tmp_path):

@@ -65,6 +65,10 @@ class Checkpoint:
     file_names: Dict[str, str]  # hub tensor name -> the name in the file
     file_dtypes: List[str] = field(default_factory=list)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(f.tensors[self.file_names[n]][3] - f.tensors[self.file_names[n]][2] for n, f in self.files.items())
+
     def describe(self) -> str:
         return (f"{self.layout} layout, {'tied' if self.tied else 'untied'} embeddings, "
                 f"{'/'.join(self.file_dtypes)} tensors in {len(set(self.files.values()))} file(s)")

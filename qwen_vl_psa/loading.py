@@ -115,6 +115,10 @@ def load_model_and_processor(path: str, dtype: str, device: str):
         processor = AutoProcessor.from_pretrained(path, use_fast=False)
     except ModelLoadError:
         raise
+    except MemoryError:
+        raise ModelLoadError(f"not enough memory to load the model in {path} ({ckpt.nbytes / 2**30:.1f} GiB of "
+                             f"weights in the files, as {dtype} on the {device}): use a smaller model or a machine "
+                             "with more memory") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {str(e)[:300]}") from e
     model.eval()

@@ -359,6 +359,16 @@ def test_weights_of_another_size_name_the_mismatch(tiny_model_dir, tmp_path):
         QwenVLInference(str(broken), dtype="float32", verbose=False)
 
 
+def test_out_of_memory_while_loading_is_one_line(tiny_model_dir, monkeypatch):
+    import qwen_vl_psa.checkpoint as checkpoint
+
+    def no_memory(*a, **kw):
+        raise MemoryError()
+    monkeypatch.setattr(checkpoint, "load_weights", no_memory)
+    with pytest.raises(ModelLoadError, match=r"not enough memory to load the model .*GiB of weights"):
+        QwenVLInference(tiny_model_dir, dtype="float32", verbose=False)
+
+
 def test_untied_config_without_lm_head_is_named(make, tmp_path):
     broken = tmp_path / "t"
     shutil.copytree(make(layout="transformers5", tie=True), broken)

@@ -275,6 +275,11 @@ def inspect_checkpoint(path: str) -> Checkpoint:
     """Read and check everything about a checkpoint folder except the tensor data."""
     raw = read_config(path)
     check_architecture(path, raw)
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelLoadError(f"model folder {path} holds a quantized Qwen2.5-VL ({method}): this tool loads "
+                             "bfloat16 / float16 / float32 checkpoints only; use the unquantized model")
     cfg = hub_config(raw)
     by_file = weight_files(path)
     files, file_names = {}, {}

@@ -398,6 +398,21 @@ def test_other_architecture_is_one_line(tiny_model_dir, tmp_path, model_type, ar
     assert found in msg and "runs Qwen2.5-VL" in msg and "\n" not in msg
 
 
+def test_quantized_checkpoint_is_one_line(tiny_model_dir, tmp_path):
+    other = _broken_copy(tiny_model_dir, tmp_path)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"quantized Qwen2.5-VL \(awq\).*unquantized model"):
+        QwenVLInference(str(other), dtype="float32", verbose=False)
+    del cfg["quantization_config"]  # int tensors without the config: named by the file check
+    (other / "config.json").write_text(json.dumps(cfg))
+    from safetensors.numpy import save_file
+    save_file({"visual.x.qweight": np.zeros((4, 4), np.int32)}, str(other / "model-00002-of-00002.safetensors"))
+    with pytest.raises(ModelLoadError, match="is I32: only BF16, F16 and F32"):
+        QwenVLInference(str(other), dtype="float32", verbose=False)
+
+
 def test_vision_less_weights_are_named(tiny_model_dir, tmp_path):
     """A qwen2_5_vl config over a text-only model's weights."""
     other = _broken_copy(tiny_model_dir, tmp_path)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class Checkpoint:
     layout: str  # hub / transformers4 / transformers5
     config: dict  # the hub's flat config.json form
     tied: bool  # lm_head is the embedding matrix
-    files: Dict[str, "SafetensorsFile"]  # hub tensor name -> the file that holds it
+    files: Dict[str, SafetensorsFile]  # hub tensor name -> the file that holds it
     file_names: Dict[str, str]  # hub tensor name -> the name in the file
     file_dtypes: List[str] = field(default_factory=list)
 

@@ -370,8 +370,8 @@ def write_processor(out_dir: str, layout: str):
     video["video_processor_type"] = "Qwen2VLVideoProcessor"
     if layout == "transformers4":
         _write_json(os.path.join(out_dir, "preprocessor_config.json"), pre)
-        _write_json(os.path.join(out_dir, "video_preprocessor_config.json"), {**video,
-                                                                              "processor_class": pre["processor_class"]})
+        video["processor_class"] = pre["processor_class"]
+        _write_json(os.path.join(out_dir, "video_preprocessor_config.json"), video)
         return
     image = {k: v for k, v in pre.items() if k != "processor_class"}
     _write_json(os.path.join(out_dir, "processor_config.json"),

@@ -17,7 +17,6 @@ import sys
 from contextlib import contextmanager
 
 import numpy as np
-import paddle
 import pytest
 from PIL import Image
 

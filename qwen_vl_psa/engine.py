@@ -39,7 +39,6 @@ from .loading import (
     quiet_libraries,
     resolve_model_dir,
     stop_token_ids,
-    writable_model_dir,
 )
 from .media import Video, load_image, load_video
 from .options import DEFAULT_FPS, GenerationOptions, check_prompt
@@ -80,8 +79,7 @@ class QwenVLInference:
             self.device, self.dtype = pick_device_and_dtype(dtype, self._warn)
             path = resolve_model_dir(model_name, cache_dir, hub)
             self.model_dir = path
-            self.model, self.processor = load_model_and_processor(writable_model_dir(path, cache_dir),
-                                                                  self.dtype, self.device)
+            self.model, self.processor = load_model_and_processor(path, self.dtype, self.device)
         self.model_name = model_name
         self.prompts = PromptBuilder(self.model, self.processor, self.dtype)
         self.tokenizer = self.processor.tokenizer

@@ -62,33 +62,13 @@ def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
 
 
 def check_model_dir(path: str):
-    names = set(os.listdir(path))
-    if "config.json" not in names:
-        raise ModelLoadError(f"model folder {path} has no config.json: point --model at a Qwen2.5-VL checkpoint "
-                             "folder in the Hugging Face layout")
-    if not any(n.endswith(".safetensors") for n in names):
+    """The quick checks, before Paddle is imported: a config of the right architecture, weights."""
+    from .checkpoint import check_architecture, read_config
+
+    check_architecture(path, read_config(path))
+    if not any(n.endswith(".safetensors") for n in os.listdir(path)):
         raise ModelLoadError(f"model folder {path} has no *.safetensors weights: download the checkpoint "
                              "completely (or run python -m qwen_vl_psa.tiny_checkpoint DIR to try without one)")
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from e
-    if model_type != "qwen2_5_vl":
-        raise ModelLoadError(f"model folder {path} holds a {model_type!r} model, not qwen2_5_vl")
-
-
-def writable_model_dir(path: str, cache_dir: str) -> str:
-    """paddleformers writes a metadata file next to the weights; mirror read-only folders by links."""
-    if os.access(path, os.W_OK):
-        return path
-    mirror = os.path.join(cache_dir, "mirrors", os.path.abspath(path).strip("/").replace("/", "__"))
-    os.makedirs(mirror, exist_ok=True)
-    for name in os.listdir(path):
-        link = os.path.join(mirror, name)
-        if not os.path.lexists(link):
-            os.symlink(os.path.join(os.path.abspath(path), name), link)
-    return mirror
 
 
 def quiet_imports():
@@ -142,16 +122,25 @@ def configure_model(cfg, device: str, dtype: str):
 
 
 def load_model_and_processor(path: str, dtype: str, device: str):
+    """Any checkpoint layout (see checkpoint.py), read-only: nothing is written to `path`."""
     import paddle
-    from paddleformers.transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from paddleformers.transformers import AutoProcessor
 
-    cfg = configure_model(Qwen2_5_VLConfig.from_pretrained(path), device, dtype)
+    from .checkpoint import build_model, inspect_checkpoint, paddle_config
+
+    ckpt = inspect_checkpoint(path)
+    cfg = configure_model(paddle_config(ckpt), device, dtype)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=cfg, convert_from_hf=True,
-                                                                   dtype=dtype)
+        model = build_model(ckpt, cfg, dtype)
         # use_fast=False: the slow processor resizes with PIL bicubic, as the model was trained.
         processor = AutoProcessor.from_pretrained(path, use_fast=False)
-    except (OSError, ValueError, KeyError) as e:
+    except ModelLoadError:
+        raise
+    except MemoryError:
+        raise ModelLoadError(f"not enough memory to load the model in {path} ({ckpt.nbytes / 2**30:.1f} GiB of "
+                             f"weights in the files, as {dtype} on the {device}): use a smaller model or a machine "
+                             "with more memory") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {str(e)[:300]}") from e
     model.eval()
     paddle.set_grad_enabled(False)
@@ -164,8 +153,10 @@ def stop_token_ids(path: str, model, tokenizer) -> List[int]:
     for name in ("generation_config.json", "config.json"):
         try:
             with open(os.path.join(path, name)) as f:
-                eos = json.load(f).get("eos_token_id")
-        except (OSError, json.JSONDecodeError):
+                cfg = json.load(f)
+            # transformers 5 keeps it only in the nested text_config
+            eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
+        except (OSError, json.JSONDecodeError, AttributeError):
             continue
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     for tok in ("<|im_end|>", "<|endoftext|>"):

@@ -173,8 +173,8 @@ def test_not_a_model_id(tmp_path):
 
 
 def test_read_only_model_folder_loads(tiny_model_dir, model, tmp_path, monkeypatch):
-    # paddleformers writes a metadata file into the model folder; a read-only one is mirrored.
-    # (CI runs as root, who can write anywhere, so the folder is made to look read-only.)
+    # Nothing is written to the model folder, so a read-only one loads as it is (CI runs as root,
+    # so the folder is made to look read-only; test_checkpoints.py checks no write is attempted).
     ro = tmp_path / "ro"
     shutil.copytree(tiny_model_dir, ro)
     real_access = os.access

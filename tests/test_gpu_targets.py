@@ -5,7 +5,8 @@ Triton's compiler needs no GPU: under a stand-in active driver that reports a ta
 runs the real binder and compiler down to a cubin, whose ``metadata.shared`` is what one block
 needs. The host wrappers run for real with Paddle CPU tensors (their argument logic and the
 tile choice of psa_paddle/tiles.py are what is checked); only the launch is replaced by the
-warm-up. One compile pass per (class, dtype), shared by the tests through a module fixture.
+warm-up. One compile pass per (class, dtype), shared by the tests through a module fixture and
+spread over two processes: about 2 minutes on two cores with an empty Triton cache.
 """
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
         k = paddle.randn([B, HKV, SEQ, D]).astype(dtype)
         levels = paddle.ones([B, HQ, SEQ // 128, SEQ // 128], "int8")
         ta.pyramid_attention_triton(q, k, k, levels, 0, 0.088)
-        ta.dense_attention_triton(q, k, k, 0, 0.088)
+        ts = T.select(arch, shared, dtype)
+        if ts.dense != ts.attention:  # the same kernel: only other tiles need their own check
+            ta.dense_attention_triton(q, k, k, 0, 0.088)
         for mode in ("energybound", "topk"):
             te.estimate_levels_triton(q, k, AttentionConfig(mask_mode=mode), 0)
         # the long-prompt widths of the per-row kernels (sort and LUT over 1024 key blocks)
@@ -111,13 +114,30 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
 CASES = [(arch, dtype) for arch, (_, dtypes) in sorted(T.GPU_CLASSES.items()) for dtype in dtypes]
 
 
+def _timed_compile(case):
+    arch, dtype = case
+    t0 = time.perf_counter()
+    seen = _compile_all(arch, T.GPU_CLASSES[arch][0], dtype)
+    return case, seen, time.perf_counter() - t0
+
+
 @pytest.fixture(scope="module")
 def compiled():
+    """Every case compiled once; in two worker processes (CI has two cores, Triton compiles on one)."""
+    import concurrent.futures
+    import multiprocessing
+
     out = {}
-    for arch, dtype in CASES:
-        t0 = time.perf_counter()
-        out[(arch, dtype)] = _compile_all(arch, T.GPU_CLASSES[arch][0], dtype)
-        out[(arch, dtype, "s")] = time.perf_counter() - t0
+    workers = min(2, os.cpu_count() or 1)
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(pool.map(_timed_compile, CASES))
+    else:
+        results = [_timed_compile(c) for c in CASES]
+    for case, seen, secs in results:
+        out[case] = seen
+        out[(*case, "s")] = secs
     return out
 
 
@@ -126,7 +146,7 @@ def test_every_kernel_fits_with_room_to_spare(compiled, arch, dtype):
     shared = T.GPU_CLASSES[arch][0]
     seen = compiled[(arch, dtype)]
     names = {name for name, _, _ in seen}
-    assert names == {"_attn_kernel", "_pyramid_kernel", "_lut_kernel", "_cap_kernel", "_importance_kernel",
+    assert names >= {"_attn_kernel", "_pyramid_kernel", "_lut_kernel", "_cap_kernel", "_importance_kernel",
                      "_levels_kernel"}, names
     report = ", ".join(f"{n} {s // 1024} KiB" for n, s, _ in seen)
     print(f"sm_{arch} {dtype} ({shared // 1024} KiB, {compiled[(arch, dtype, 's')]:.0f} s): {report}")

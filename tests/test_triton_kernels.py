@@ -19,6 +19,7 @@ import os
 import sys
 
 import numpy as np
+import psa_reference as R
 import pytest
 
 # triton.jit picks the interpreter when a function is decorated, and triton's own standard
@@ -99,141 +100,14 @@ class Cfg:  # duck-typed AttentionConfig
 
 
 # ============================================================================ numpy reference
+# The one float64 reference of the tests (tests/psa_reference.py), batch first.
 
-def _pad_replicate(x, blk):
-    L = x.shape[-2]
-    n = -(-L // blk) * blk
-    if n == L:
-        return x
-    rep = np.repeat(x[..., L - 1:L, :], n - L, axis=-2)
-    return np.concatenate([x, rep], axis=-2)
-
-
-def _pool(x, r):
-    *lead, L, D = x.shape
-    return x.reshape(*lead, L // r, r, D).mean(axis=-2)
-
-
-def ref_attention(q, k, v, levels, q_offset, scale, blk):
-    """float64; q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D], levels [B,Hq,nQB,nKB]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    nKB = -(-Lk // blk)
-    qb0 = q_offset // blk
-    kp, vp = _pad_replicate(k, blk), _pad_replicate(v, blk)
-    pyr_k = {r: (_pool(kp, r) if r > 1 else kp) for r in (1, 2, 4, 8)}
-    pyr_v = {r: (_pool(vp, r) if r > 1 else vp) for r in (1, 2, 4, 8)}
-    out = np.zeros_like(q)
-    for b in range(B):
-        for h in range(Hq):
-            hk = h // G
-            for i in range(Lq):
-                pos = q_offset + i
-                qblk = pos // blk
-                row = qblk - qb0
-                logits, vals = [], []
-                for kb in range(nKB):
-                    r = int(levels[b, h, row, kb])
-                    if r == 0:
-                        continue
-                    P = blk // r
-                    for j in range(P):
-                        jj = kb * P + j
-                        if (jj + 1) * r - 1 > pos:
-                            continue
-                        logits.append(q[b, h, i] @ pyr_k[r][b, hk, jj] * scale + math.log(r))
-                        vals.append(pyr_v[r][b, hk, jj])
-                if logits:
-                    s = np.array(logits)
-                    p = np.exp(s - s.max())
-                    out[b, h, i] = (p[:, None] * np.array(vals)).sum(0) / p.sum()
-    return out
-
-
-def ref_importance(q, k, blk, S, q_offset):
-    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    nKB = -(-Lk // blk)
-    qb0 = q_offset // blk
-    P = nKB * blk
-    n = P // S
-    T = blk // S
-    imp = np.zeros((B, Hq, nKB - qb0, nKB))
-    for b in range(B):
-        for h in range(Hq):
-            qa = np.zeros((P, D))
-            qa[q_offset:q_offset + Lq] = q[b, h]
-            ka = np.zeros((P, D))
-            ka[:Lk] = k[b, h // G]
-            A = sum(qa[S - 1 - t::S] @ ka[t::S].T for t in range(S)) / math.sqrt(D) / S
-            for i in range(qb0 * T, n):
-                a = A[i, :i + 1]
-                p = np.exp(a - a.max())
-                p /= p.sum()
-                for j in range(i + 1):
-                    imp[b, h, i // T - qb0, j // T] += p[j]
-    return imp
-
-
-def ref_cap(k, blk, th):
-    k = np.asarray(k, np.float64)
-    B, Hkv, Lk, D = k.shape
-    kp = _pad_replicate(k, blk)
-    nKB = kp.shape[2] // blk
-    cap = np.ones((B, Hkv, nKB), np.int64)
-    for b in range(B):
-        for h in range(Hkv):
-            for kb in range(nKB):
-                x = kp[b, h, kb * blk:(kb + 1) * blk]
-
-                def sim(g):
-                    a, c = x[0::g], x[g - 1::g]
-                    n2 = (a * a).sum(1) * (c * c).sum(1)
-                    return ((a * c).sum(1) / np.sqrt(np.maximum(n2, 1e-12))).mean()
-
-                s2, s4, s8 = sim(2), sim(4), sim(8)
-                cap[b, h, kb] = 8 if s8 > th[2] else 4 if s4 > th[1] else 2 if s2 > th[0] else 1
-    return cap
-
-
-def ref_levels(imp, cap, q_offset, blk, text_length, mode, ratios):
-    B, Hq, nQB, nKB = imp.shape
-    qb0 = q_offset // blk
-    n_text = min(nKB, -(-text_length // blk))
-    table, prev = [], None
-    for lev, (lo, hi) in ratios.items():
-        table.append((lev, lo if prev is None else max(lo, prev), hi))
-        prev = hi
-    out = np.zeros(imp.shape, np.int64)
-    for b in range(B):
-        for h in range(Hq):
-            for r in range(nQB):
-                qb = qb0 + r
-                row = np.asarray(imp[b, h, r, :qb + 1], np.float32)
-                order = sorted(range(qb + 1), key=lambda j: (-row[j], j))
-                cum = np.cumsum(row[order], dtype=np.float32)
-                E = cum / cum[-1] if cum[-1] > 0 else np.ones_like(cum)
-                n = qb + 1
-                for pos, j in enumerate(order):
-                    lev = 0
-                    for L, lo, hi in table:
-                        if mode == "energybound":
-                            hit = lo < E[pos] <= hi
-                        else:
-                            hit = math.floor(n * lo) <= pos < math.floor(n * hi)
-                        if hit:
-                            lev = L
-                            break
-                    if cap is not None and lev > 0:
-                        lev = min(lev, int(cap[b, h // (Hq // cap.shape[1]), j]))
-                    if j == 0 or j == qb or j >= nKB - n_text or qb >= nKB - n_text:
-                        lev = 1
-                    out[b, h, r, j] = lev
-    return out
+_pad_replicate = R.pad_replicate
+_pool = R.pool
+ref_attention = R.attention
+ref_importance = R.importance
+ref_cap = R.cap
+ref_levels = R.levels_from
 
 
 # ============================================================================ helpers

@@ -65,6 +65,7 @@ from .server_media import Fetched, MediaLimits, MediaRequestError, fetch_media, 
 
 log = logging.getLogger("qwen_vl_psa.server")
 
+MAX_DECODE_PIXELS = 64_000_000  # a small file can hold a huge image: refuse it before decoding
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "cancelled": "stop"}
 
 
@@ -579,6 +580,9 @@ def _decode_image(f: Fetched):
             image = Image.open(f.path)
         else:
             image = Image.open(io.BytesIO(f.data))
+        if image.width * image.height > MAX_DECODE_PIXELS:  # checked before the pixels are decoded
+            raise MediaError(f"{f.label} is {image.width}x{image.height} pixels, over the server's limit of "
+                             f"{MAX_DECODE_PIXELS // 1_000_000} megapixels; send a smaller image")
         image.load()
         return image
     except MediaError:

@@ -12,10 +12,12 @@ import http.server
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -96,7 +98,8 @@ def data_uri(path: Path, mime: str) -> str:
 def post(server: RunningServer, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + "/v1/chat/completions", content=content,
-                      headers={"Content-Type": "application/json", **kw.pop("headers", {})}, timeout=60, **kw)
+                      headers={"Content-Type": "application/json", **kw.pop("headers", {})},
+                      timeout=kw.pop("timeout", 60), **kw)
 
 
 def chat(server: RunningServer, messages, **kw):
@@ -283,6 +286,39 @@ def test_full_queue_429_disconnect_stops_generation_health_stays_up(api):
     assert api.stats()["queue"] == {"running": 0, "waiting": 0, "max_queue": 1}
 
 
+def test_health_answers_during_a_long_prefill(api, sample_video_path):
+    # fps 10: ~2.1k video tokens, a few seconds of decode, vision encoder and prefill on 2 cores;
+    # max_tokens 1, so the job is almost all prefill
+    body = {**_body(video_part(data_uri(sample_video_path, "video/mp4"))), "fps": 10, "max_tokens": 1}
+    done = {}
+    t = threading.Thread(target=lambda: done.update(r=post(api, body)))
+    t.start()
+    while api.stats()["queue"]["running"] == 0 and t.is_alive():
+        time.sleep(0.02)
+    latencies = []
+    while t.is_alive():
+        t0 = time.perf_counter()
+        assert httpx.get(api.url + "/health", timeout=5).status_code == 200
+        if t.is_alive():  # answered while the model was busy
+            latencies.append(time.perf_counter() - t0)
+        time.sleep(0.1)
+    t.join()
+    assert done["r"].status_code == 200 and done["r"].json()["usage"]["prompt_tokens"] > 2000
+    assert len(latencies) >= 5 and max(latencies) < 1.0, latencies
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(api):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Another long story."}], "max_tokens": 3000}
+    with pytest.raises(httpx.ReadTimeout):
+        post(api, body, timeout=1.5)
+    deadline = time.time() + 30
+    while api.stats()["queue"]["running"]:
+        assert time.time() < deadline, "the generation did not stop"
+        time.sleep(0.1)
+    last = api.stats()["recent"][-1]
+    assert last["stopped_by"] == "cancelled" and last["completion_tokens"] < 3000
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -328,6 +364,9 @@ def test_error_classes(api, model, http_server, redirect_server, sample_image_pa
     (http_server.root / "photo.png").write_bytes(sample_image_path.read_bytes())
     noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
     Image.fromarray(noise).save(http_server.root / "big.png")  # ~470 KiB: over the 256 KiB media limit
+    bomb = bytearray(sample_image_path.read_bytes())  # a small PNG whose header says 10000x10000
+    bomb[16:24] = struct.pack(">II", 10000, 10000)
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])))
     http_server.slow_s = 4  # over the 2 s media timeout
     photo = image_part(http_server.url_for("photo.png"))
     cases = [  # (body, status, code, words in the message)
@@ -336,6 +375,8 @@ def test_error_classes(api, model, http_server, redirect_server, sample_image_pa
         (_body(image_part("data:image/png;base64,@@not base64@@")), 400, "invalid_media", "invalid base64"),
         (_body(image_part("data:image/png;base64," + base64.b64encode(b"not an image").decode())), 400,
          "invalid_media", "cannot decode image"),
+        (_body(image_part("data:image/png;base64," + base64.b64encode(bytes(bomb)).decode())), 400,
+         "invalid_media", "megapixels"),
         (_body(video_part(http_server.url_for("photo.png")), fps=0), 400, None, "fps must be > 0"),
         (_body(photo, n=2), 400, "unsupported_parameter", "n must be 1"),
         (_body(photo, temperature=-1), 400, None, "temperature must be >= 0"),

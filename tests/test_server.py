@@ -508,6 +508,7 @@ def _run(args, **kw):
                           text=True, cwd=str(ROOT), **kw)
 
 
+@pytest.mark.slow
 def test_serve_help_is_fast_and_bad_arguments_fail_before_loading():
     t0 = time.perf_counter()
     r = _run(["serve", "--help"], timeout=60)

@@ -96,7 +96,10 @@ class TextStream:
 
     def end(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self._emit(text)
+        try:
+            self._emit(text)
+        except StopGeneration:  # the held-back rest hit a stop: the answer is over anyway
+            pass
         return text
 
     def _emit(self, text: str):

@@ -480,7 +480,7 @@ class Worker:
                 answer = e.ask_text(self._load(job), text, **gen)
         final = filt.finish(answer)
         s = e.stats
-        stopped_by = s.get("stopped_by", "eos")
+        stopped_by = "stop" if filt.cut is not None else s.get("stopped_by", "eos")
         psa_summary = s.get("psa") or {}
         stats = {"prefix_cache": cache,
                  "psa": {k: psa_summary.get(k) for k in ("calls", "dense_prefill_calls", "sparsity")} if psa else False,

@@ -183,6 +183,8 @@ def test_text_only_and_a_system_turn(api, model):
     text = model.prompts.chat_text([{"type": "text", "text": "Hello"}], history=[{"role": "system",
                                                                                   "content": "Be brief."}])
     assert r.choices[0].message.content == model.ask_text(MediaInput([], {}), text, max_tokens=N)
+    r = chat(api, [{"role": "user", "content": "Hello"}], max_tokens=50, extra_body={"max_completion_tokens": 3})
+    assert r.usage.completion_tokens <= 3  # max_completion_tokens wins over the older max_tokens
 
 
 def test_streaming_concatenates_to_the_answer(api, http_server, sample_image_path):
@@ -216,6 +218,37 @@ def test_stop_strings_end_the_answer_streamed_or_not(api):
     chunks = api.client().chat.completions.create(model=NAME, messages=messages, max_tokens=16, stop=stop,
                                                   stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_stop_filter_holds_back_what_may_start_a_stop_string():
+    from qwen_vl_psa.generation import StopGeneration, TextStream
+    from qwen_vl_psa.server_app import StreamFilter
+
+    sent = []
+    f = StreamFilter(["cd", "\n\n"], sent.append, threading.Event())
+    f("ab")
+    f("c")
+    with pytest.raises(StopGeneration):
+        f("d!")
+    assert "".join(sent) == "ab" == f.finish("abcd!") and f.cut == 2
+    f = StreamFilter(["cd"], sent.clear() or sent.append, threading.Event())
+    f("abc")
+    assert f.finish("abce") == "abce" and "".join(sent) == "abce"  # the held-back "c" comes at the end
+    cancel = threading.Event()
+    f = StreamFilter([], sent.append, cancel)
+    cancel.set()
+    with pytest.raises(StopGeneration):
+        f("x")
+
+    class Chars:  # a tokenizer whose ids are characters
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(ids)
+
+    def stop_at_end(text):
+        raise StopGeneration("stop")
+    stream = TextStream(Chars(), stop_at_end)
+    stream.ids = list("ab")
+    assert stream.end() == "ab"  # a stop found in the last text is not an error
 
 
 def test_sampling_with_a_seed_repeats(api):
@@ -392,6 +425,8 @@ def test_error_classes(api, model, http_server, redirect_server, sample_image_pa
         (_body(image_part(http_server.url_for("big.png"))), 400, "media_too_large", "size limit"),
         (_body(image_part("ftp://127.0.0.1/a.png")), 400, "unsupported_url_scheme", "ftp"),
         (_body(image_part(redirect_server("file:///etc/passwd"))), 400, "redirect_refused", "redirects to file"),
+        (_body(image_part(redirect_server(http_server.url + "/__status__/404"))), 502, "media_fetch_failed",
+         "HTTP 404"),
         (_body(image_part("file:///etc/passwd")), 400, "local_media_forbidden", "--allowed-local-media-path"),
         (_body(image_part(str(sample_image_path))), 400, "local_media_forbidden", "local files"),
     ]
@@ -422,8 +457,8 @@ def test_error_classes(api, model, http_server, redirect_server, sample_image_pa
     # errors in a streamed request keep their status too
     r = post(api, _body(image_part("file:///etc/passwd"), stream=True))
     assert r.status_code == 400 and r.json()["error"]["code"] == "local_media_forbidden"
-    # the server still answers after all that
-    assert post(api, _body(photo)).status_code == 200
+    # an http(s) redirect is followed; the server still answers after all that
+    assert post(api, _body(image_part(redirect_server(http_server.url_for("photo.png"))))).status_code == 200
 
 
 def test_local_files_only_under_the_allowed_folder(shared_model, tmp_path, sample_image_path, sample_video_path):

@@ -13,7 +13,9 @@ The public steps behind every entry point (single calls, sessions, corpus mode) 
     ans = m.answer(prompt.embeds, positions, m.new_cache(), prompt.ids, opts, stream, t_start)
     stats = m.collect_stats(prompt.ids, media.timings, {...}, prompt.vision_s, ans, media.info)
 
-`ask(media, question, **gen)` runs them in order for one cold question.
+`ask(media, question, **gen)` runs them in order for one cold question; `ask_text(media, text)` does
+the same for a prompt the caller rendered with the chat template (the server's conversations). A
+stream callback may raise generation.StopGeneration to end an answer early (stop strings, cancel).
 """
 from __future__ import annotations
 

@@ -46,9 +46,10 @@ _LOG2E = 1.4426950408889634
 DEFAULT_TILES = {64: (128, 128, 64, 8, 3), 128: (128, 128, 64, 8, 3)}
 DENSE_TILES = {64: (128, 128, 64, 8, 3), 128: (128, 128, 64, 8, 3)}
 _INTERP_TILES = (64, 32, 32, 4, 1)
-# Hopper (sm_90) with TMA tensor descriptors for Q and the level-1 K/V tiles (bench/RESULTS.md,
-# Run 7). Used when ``use_tma`` resolves to True and no ``tiles`` are given.
-HOPPER_TMA_TILES = {64: (128, 64, 64, 4, 3), 128: (128, 64, 64, 4, 3)}
+# Hopper (sm_90) with TMA tensor descriptors for Q and the level-1 K/V tiles: 64x64 tiles, one
+# warpgroup, 3 stages won on an H200 both on the PSA mask and with every block at level 1
+# (bench/RESULTS.md, Run 7). Used when ``use_tma`` resolves to True and no ``tiles`` are given.
+HOPPER_TMA_TILES = {64: (64, 64, 64, 4, 3), 128: (64, 64, 64, 4, 3)}
 # 6th element of ``tiles`` (optional): kernel variant
 _VARIANTS = ("plain", "tma", "tma_ws")
 
@@ -488,7 +489,8 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
     ``block_size`` defaults to the one ``levels``' shape implies (see :func:`infer_block_size`).
     ``tiles = (BLOCK_M, BLOCK_N, BLOCK_NP, num_warps, num_stages)`` overrides the defaults.
     A 6th element of ``tiles`` picks the kernel variant: ``"plain"``, ``"tma"`` or ``"tma_ws"``
-    (TMA plus Triton's warp specialisation of the level-1 loop).
+    (TMA plus Triton's warp specialisation of the level-1 loop); a 7th, ``gather``, makes every
+    pooled level run in tiles of BLOCK_NP keys, gathering several blocks of levels 4 and 8 per tile.
     ``out``: optional preallocated ``[B, Hq, Lq, D]`` tensor of q's dtype to write into.
     ``use_tma``: None (default) = TMA tensor descriptors on Hopper (compute capability 9.x) when
     q, k, v are contiguous; False = never; True = whenever the inputs allow it.
@@ -531,9 +533,10 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
     if _launch.strides(levels)[3] != 1:
         levels = levels.contiguous()
 
-    variant = None
-    if tiles is not None and len(tiles) == 6:
+    variant, gather = None, False
+    if tiles is not None and len(tiles) > 5:
         variant = tiles[5]
+        gather = len(tiles) > 6 and bool(tiles[6])
         if variant not in _VARIANTS:
             raise ValueError(f"kernel variant {variant!r} not in {_VARIANTS}")
         tiles = tuple(tiles[:5])
@@ -553,6 +556,8 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
     bnp = max(16, bnp)
 
     def pooled_tile(p):  # tile over pooled keys of one level (gathers blocks when p < tile)
+        if gather:  # always BLOCK_NP keys: levels with fewer keys per block gather several blocks
+            return bnp
         return min(bnp, p) if p >= 16 else 16
 
     t2, t4, t8 = pooled_tile(blk // 2), pooled_tile(blk // 4), pooled_tile(blk // 8)

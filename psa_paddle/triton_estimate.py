@@ -35,10 +35,11 @@ import triton.language as tl  # noqa: E402
 __all__ = ["estimate_levels_triton", "importance_triton", "similarity_cap_triton", "levels_from_importance_triton"]
 
 _LOG2E = 1.4426950408889634
-# (BM strided query rows, BN strided key rows, num_warps, num_stages[, passes]); tuned on an H200.
+# (BM strided query rows, BN strided key rows, num_warps, num_stages[, passes[, variant]]); tuned on
+# an H200. variant: None = TMA loads on Hopper when the strided views are exact, "plain", "tma".
 # passes: 1 = one pass with a float32 scratch of per-(row, key block) log-sums (default), 2 = the
 # scratch-free two-pass kernel.
-DEFAULT_EST_TILES = (64, 128, 8, 3, 1)
+DEFAULT_EST_TILES = (64, 128, 4, 3, 1)
 _INTERP_EST_TILES = (32, 32, 4, 1, 1)
 # bound on the one-pass scratch per launch; larger problems run in several launches over heads
 SCRATCH_BYTES = 256 << 20
@@ -91,6 +92,19 @@ def _strided_scores(qbase, kbase, sqm, skn, offs_i, offs_j, offs_d, q_offset, Lq
 
 
 @triton.jit
+def _strided_scores_tma(desc_q, desc_k, bhq, bhk, qrow, krow, S: tl.constexpr, D: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr):
+    """As :func:`_strided_scores` through TMA descriptors over ``[B*H, L/S, S*D]`` views: strided
+    row i's token ``i*S + u`` is column block u; rows outside a head's range are TMA's zero fill."""
+    a = tl.zeros([BM, BN], dtype=tl.float32)
+    for s in range(0, S):
+        qv = tl.reshape(desc_q.load([bhq, qrow, (S - 1 - s) * D]), (BM, D))
+        kv = tl.reshape(desc_k.load([bhk, krow, s * D]), (BN, D))
+        a = tl.dot(qv, tl.trans(kv), a)
+    return a
+
+
+@triton.jit
 def _importance_kernel(Q, K, IMP, sqb, sqh, sqm, skb, skh, skn,
                        H, G, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
                        D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -136,9 +150,10 @@ def _importance_kernel(Q, K, IMP, sqb, sqh, sqm, skb, skh, skn,
 
 
 @triton.jit
-def _importance1_kernel(Q, K, IMP, SCR, sqb, sqh, sqm, skb, skh, skn,
+def _importance1_kernel(Q, K, IMP, SCR, desc_q, desc_k, sqb, sqh, sqm, skb, skh, skn,
                         H, G, bh0, n_t, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
-                        D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                        D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        USE_TMA: tl.constexpr = False):
     """One pass over the causal key tiles (the two-pass kernel above computes the scores twice).
 
     Per strided query row i and key block kb it keeps the block's log2-sum-exp2 of the scores,
@@ -170,7 +185,11 @@ def _importance1_kernel(Q, K, IMP, SCR, sqb, sqh, sqm, skb, skh, skn,
     l_i = tl.zeros([BM], dtype=tl.float32)
     for jt in range(0, n_jt):
         offs_j = jt * BN + tl.arange(0, BN)
-        x = _strided_scores(qbase, kbase, sqm, skn, offs_i, offs_j, offs_d, q_offset, Lq, Lk, S, BM, BN)
+        if USE_TMA:
+            x = _strided_scores_tma(desc_q, desc_k, bh, b * (H // G) + hk, row0 + t * BM - q_offset // S, jt * BN,
+                                    S, D, BM, BN)
+        else:
+            x = _strided_scores(qbase, kbase, sqm, skn, offs_i, offs_j, offs_d, q_offset, Lq, Lk, S, BM, BN)
         x = tl.where(offs_j[None, :] <= offs_i[:, None], x * qk_scale, float("-inf"))
         m_t = tl.max(x, 1)
         m_t = tl.where(m_t > -1.0e30, m_t, -1.0e30)  # rows with every key of the tile masked
@@ -325,7 +344,7 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
     ``tiles = (BM, BN, num_warps, num_stages[, passes])``; passes 1 (default tiles) or 2 (also what
     a 4-tuple means). Without explicit tiles, a one-pass kernel that fails to build falls back to two.
     """
-    global _ONE_PASS_BROKEN
+    global _ONE_PASS_BROKEN, _EST_TMA_BROKEN
     explicit = tiles is not None
     B, Hq, Lq, D = (int(s) for s in q.shape)
     _, Hkv, Lk, _ = (int(s) for s in k.shape)
@@ -339,22 +358,32 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
         tiles = _INTERP_EST_TILES if _launch.interpreting() else DEFAULT_EST_TILES
     bm, bn, warps, stages = tiles[:4]
     passes = int(tiles[4]) if len(tiles) > 4 else 2
+    variant = tiles[5] if len(tiles) > 5 else None
+    if variant not in (None, "plain", "tma"):
+        raise ValueError(f"estimate variant {variant!r} not in ('plain', 'tma')")
     bm, bn = max(bm, R, 16), max(bn, R, 16)
     sq, sk = _launch.strides(q), _launch.strides(k)
     n_t = -(-(nQB * R) // bm)
     qk_scale = _LOG2E / math.sqrt(D) / stride
     if passes == 1 and _ONE_PASS_BROKEN is None:
-        try:
-            return _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t,
-                                        qk_scale, sq, sk, bm, bn, warps, stages)
-        except Exception as ex:  # a Triton that cannot build it: the two-pass kernel from now on
-            if explicit:
-                raise
-            if type(ex).__name__ != "OutOfResources":
-                _ONE_PASS_BROKEN = f"{type(ex).__name__}: {str(ex)[:300]}"
-            import warnings
+        tma = _est_tma(q, k, stride, q_offset, variant) and _EST_TMA_BROKEN is None
+        for use_tma in ((True, False) if tma else (False,)):
+            try:
+                return _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t,
+                                            qk_scale, sq, sk, bm, bn, warps, stages, use_tma)
+            except Exception as ex:  # a Triton that cannot build it: the next kernel, from now on
+                if explicit:
+                    raise
+                if type(ex).__name__ != "OutOfResources":
+                    err = f"{type(ex).__name__}: {str(ex)[:300]}"
+                    if use_tma:
+                        _EST_TMA_BROKEN = err
+                    else:
+                        _ONE_PASS_BROKEN = err
+                import warnings
 
-            warnings.warn(f"PSA: the one-pass importance kernel failed ({type(ex).__name__}); using two passes")
+                warnings.warn(f"PSA: the one-pass importance kernel (tma={use_tma}) failed ({type(ex).__name__}); "
+                              "falling back")
     imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")
     _launch.launch(_importance_kernel, (n_t, B * Hq), q, k, imp, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
                    Hq, Hq // Hkv, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
@@ -363,19 +392,44 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
 
 
 _ONE_PASS_BROKEN = None  # set (to the error) when the one-pass kernel failed to build in this process
+_EST_TMA_BROKEN = None  # the same for its TMA variant
+
+
+def _est_tma(q, k, S, q_offset, variant):
+    """TMA loads for the one-pass kernel: Hopper (auto) or asked for, contiguous q/k, and the
+    strided views exact (Lq, Lk, q_offset multiples of the stride)."""
+    from . import triton_attention as _ta
+
+    if variant == "plain" or _launch.interpreting() or _ta._TensorDescriptor is None:
+        return False
+    if variant is None and not _ta._want_tma(q, None):
+        return False
+    Lq, Lk = int(q.shape[2]), int(k.shape[2])
+    return Lq % S == 0 and Lk % S == 0 and q_offset % S == 0 and _ta._tma_ok(q, k)
+
+
+def _strided_desc(t, S, rows):
+    """3-D descriptor over a contiguous ``[B, H, L, D]`` tensor viewed as ``[B*H, L/S, S*D]``."""
+    from . import triton_attention as _ta
+
+    B, H, L, D = (int(x) for x in t.shape)
+    base = t if _launch.framework_of(t) == "torch" else _ta._DescBase(t)
+    return _ta._TensorDescriptor(base, [B * H, L // S, S * D], [L * D, S * D, 1], [1, rows, D])
 
 
 def _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t, qk_scale, sq, sk,
-                         bm, bn, warps, stages):
+                         bm, bn, warps, stages, tma=False):
     imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")  # blocks past a row tile's last key tile stay 0
     per_head = n_t * bm * nKB * 4
     chunk = max(1, min(B * Hq, SCRATCH_BYTES // per_head))
     scr = _launch.empty(q, [chunk * n_t * bm, nKB], "float32")
     for bh0 in range(0, B * Hq, chunk):
         nh = min(chunk, B * Hq - bh0)
-        _launch.launch(_importance1_kernel, (n_t, nh), q, k, imp, scr, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
+        dq = _strided_desc(q, stride, bm) if tma else None
+        dk = _strided_desc(k, stride, bn) if tma else None
+        _launch.launch(_importance1_kernel, (n_t, nh), q, k, imp, scr, dq, dk, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
                        Hq, Hq // Hkv, bh0, n_t, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
-                       D=D, S=stride, R=R, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+                       D=D, S=stride, R=R, BM=bm, BN=bn, USE_TMA=tma, num_warps=warps, num_stages=stages)
     return imp
 
 

@@ -48,8 +48,11 @@ DENSE_TILES = {64: (128, 128, 64, 8, 3), 128: (128, 128, 64, 8, 3)}
 _INTERP_TILES = (64, 32, 32, 4, 1)
 # Hopper (sm_90) with TMA tensor descriptors for Q and the level-1 K/V tiles: 64x64 tiles, one
 # warpgroup, 3 stages won on an H200 both on the PSA mask and with every block at level 1
-# (bench/RESULTS.md, Run 7). Used when ``use_tma`` resolves to True and no ``tiles`` are given.
+# (bench/RESULTS.md, Runs 7 and 8). Used when ``use_tma`` resolves to True and no ``tiles`` are given.
 HOPPER_TMA_TILES = {64: (64, 64, 64, 4, 3), 128: (64, 64, 64, 4, 3)}
+# Triton's warp specialisation of the level-1 loop on the TMA path: Run 8's table ran with it; on
+# the H200 (Triton 3.6) it timed within run-to-run noise of the same kernel without it.
+HOPPER_WARP_SPECIALIZE = True
 # 6th element of ``tiles`` (optional): kernel variant
 _VARIANTS = ("plain", "tma", "tma_ws")
 
@@ -543,7 +546,7 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
         if variant != "plain" and use_tma is None:
             use_tma = True
     tma = (variant != "plain") and _want_tma(q, use_tma) and _tma_ok(q, k, v)
-    ws = tma and variant == "tma_ws"
+    ws = tma and (variant == "tma_ws" or (variant is None and HOPPER_WARP_SPECIALIZE))
     if tiles is None:
         if _launch.interpreting():
             tiles = _INTERP_TILES

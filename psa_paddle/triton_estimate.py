@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 # an H200. variant: None = TMA loads on Hopper when the strided views are exact, "plain", "tma".
 # passes: 1 = one pass with a float32 scratch of per-(row, key block) log-sums (default), 2 = the
 # scratch-free two-pass kernel.
-DEFAULT_EST_TILES = (64, 128, 4, 3, 1)
+DEFAULT_EST_TILES = (64, 128, 4, 4, 1)
 _INTERP_EST_TILES = (32, 32, 4, 1, 1)
 # bound on the one-pass scratch per launch; larger problems run in several launches over heads
 SCRATCH_BYTES = 256 << 20

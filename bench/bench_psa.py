@@ -417,11 +417,21 @@ EST_VARIANTS = {
     "e128x128w4s3p1tma": (128, 128, 4, 3, 1, "tma"),
     "e64x128w4s4p1tma": (64, 128, 4, 4, 1, "tma"),
     "e64x128w4s3p1": (64, 128, 4, 3, 1),
+    "e64x128w4s4p1": (64, 128, 4, 4, 1),
+    "e64x128w4s2p1tma": (64, 128, 4, 2, 1, "tma"),
+    "e64x64w4s3p1tma": (64, 64, 4, 3, 1, "tma"),
+    "e64x64w4s4p1tma": (64, 64, 4, 4, 1, "tma"),
+    "e128x64w4s3p1tma": (128, 64, 4, 3, 1, "tma"),
     "e64x128w8s3p2": (64, 128, 8, 3, 2),
     "e64x128w8s3p1": (64, 128, 8, 3, 1),
     "e128x128w8s3p1": (128, 128, 8, 3, 1),
     "e128x64w8s3p1": (128, 64, 8, 3, 1),
     "e64x128w4s3p1": (64, 128, 4, 3, 1),
+    "e64x128w4s4p1": (64, 128, 4, 4, 1),
+    "e64x128w4s2p1tma": (64, 128, 4, 2, 1, "tma"),
+    "e64x64w4s3p1tma": (64, 64, 4, 3, 1, "tma"),
+    "e64x64w4s4p1tma": (64, 64, 4, 4, 1, "tma"),
+    "e128x64w4s3p1tma": (128, 64, 4, 3, 1, "tma"),
     "e128x128w8s2p1": (128, 128, 8, 2, 1),
     "e64x64w4s3": (64, 64, 4, 3),
     "e128x64w8s3": (128, 64, 8, 3),
@@ -483,16 +493,16 @@ def tune(sizes, attn_variants, est_variants, inputs=("bench",)):
 
 # ============================================================================ quality
 
-def quality(sizes, heads):
+def quality(sizes, heads, inputs=("bench",)):
     """How far PSA's output is from dense attention on the video-like input (the approximation
     error, not a kernel error): ||psa - dense|| / ||dense|| per size, dense = cuDNN/FA2 in bf16,
     whose own rounding (~2e-3) is the floor of what this can show."""
     log("== quality: PSA output vs dense attention (video-like, default config) ==")
     rows = []
-    for hname in heads:
+    for inp, hname, N in ((i, h, n) for i in inputs for h in heads for n in sizes):
         Hq, Hkv = HEADS[hname]
-        for N in sizes:
-            q, k, v = video_qkv(N, Hq, Hkv)
+        if True:
+            q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
             dense_fn, _ = _sdpa(q, k, v, "flash")
             dense = dense_fn().float()
             lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
@@ -501,8 +511,8 @@ def quality(sizes, heads):
             # the prompt rows (last text_length tokens) are the ones the answer is decoded from
             t = Cfg.text_length
             err_prompt = ((out[:, :, -t:] - dense[:, :, -t:]).norm() / dense[:, :, -t:].norm()).item()
-            rows.append(dict(heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
-            log(f"  {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
+            rows.append(dict(input=inp, heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
+            log(f"  {inp} {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
                 f"prompt rows {err_prompt:.4f}")
             del q, k, v, dense, out, lev
             torch.cuda.empty_cache()
@@ -614,7 +624,8 @@ def main():
         if a.check:
             section("check", check)
         if a.quality:
-            section("quality", lambda: quality([int(x) for x in a.sizes.split(",")], a.heads.split(",")))
+            section("quality", lambda: quality([int(x) for x in a.sizes.split(",")], a.heads.split(","),
+                                               a.inputs.split(",")))
         if a.tune:
             section("tune", lambda: tune([int(x) for x in a.tune_sizes.split(",")],
                                          [x for x in a.attn_variants.split(",") if x],

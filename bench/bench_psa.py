@@ -491,6 +491,35 @@ def tune(sizes, attn_variants, est_variants, inputs=("bench",)):
     return win
 
 
+# ============================================================================ estimate parts
+
+def est_parts(sizes, inputs):
+    """Where the estimate's time goes: importance, similarity cap, levels (sort + assign) per warps."""
+    log("== estimate parts (7B heads) ==")
+    Hq, Hkv = HEADS["7b"]
+    for inp, N in ((i, n) for i in inputs for n in sizes):
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
+        t_all = bench(lambda: TE.estimate_levels_triton(q, k, Cfg, 0))
+        t_imp = bench(lambda: TE.importance_triton(q, k, BLK, 16, 0))
+        t_cap = bench(lambda: TE.similarity_cap_triton(k, BLK))
+        imp = TE.importance_triton(q, k, BLK, 16, 0)
+        cap = TE.similarity_cap_triton(k, BLK)
+        ref = TE.levels_from_importance_triton(imp, cap, 0, BLK, n_kv_heads=Hkv)
+        parts = []
+        for w in (1, 2, 4, 8, 16):
+            try:
+                lv = TE.levels_from_importance_triton(imp, cap, 0, BLK, n_kv_heads=Hkv, num_warps=w)
+                same = bool((lv == ref).all().item())
+                t = bench(lambda: TE.levels_from_importance_triton(imp, cap, 0, BLK, n_kv_heads=Hkv, num_warps=w))
+                parts.append(f"levels {w} warps {t:.3f} ms{'' if same else ' (DIFFERENT LEVELS)'}")
+            except Exception as ex:
+                parts.append(f"levels {w} warps failed {type(ex).__name__}")
+        log(f"  {inp} N={N}: estimate {t_all:.3f} ms = importance {t_imp:.3f} + cap {t_cap:.3f} + levels; "
+            + "; ".join(parts))
+        del q, k, v, imp, cap, ref
+        torch.cuda.empty_cache()
+
+
 # ============================================================================ quality
 
 def quality(sizes, heads, inputs=("bench",)):
@@ -598,6 +627,7 @@ def main():
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--quality", action="store_true", help="PSA output vs dense attention, per size")
+    ap.add_argument("--est-parts", action="store_true", help="time the estimate's kernels separately")
     ap.add_argument("--tune-sizes", default="16384,32768")
     ap.add_argument("--attn-variants", default=",".join(ATTN_VARIANTS))
     ap.add_argument("--est-variants", default=",".join(EST_VARIANTS))
@@ -623,6 +653,8 @@ def main():
     try:
         if a.check:
             section("check", check)
+        if a.est_parts:
+            section("est_parts", lambda: est_parts([int(x) for x in a.sizes.split(",")], a.inputs.split(",")))
         if a.quality:
             section("quality", lambda: quality([int(x) for x in a.sizes.split(",")], a.heads.split(","),
                                                a.inputs.split(",")))

@@ -452,8 +452,11 @@ def _topk_cuts(like, table, nKB):
     return t
 
 
+LEVELS_WARPS = 4  # warps of the per-row sort-and-assign kernel
+
+
 def levels_from_importance_triton(imp, cap, q_offset: int, block: int, *, text_length=512, mask_mode="energybound",
-                                  mask_ratios=None, n_kv_heads=None):
+                                  mask_ratios=None, n_kv_heads=None, num_warps=None):
     """``levels int8 [B, Hq, nQB, nKB]`` (steps 2-4) from importance and the optional cap."""
     B, Hq, nQB, nKB = (int(s) for s in imp.shape)
     if mask_mode not in ("energybound", "topk"):
@@ -475,7 +478,8 @@ def levels_from_importance_triton(imp, cap, q_offset: int, block: int, *, text_l
                    vals["lo0"], vals["hi0"], vals["lo1"], vals["hi1"], vals["lo2"], vals["hi2"],
                    vals["lo3"], vals["hi3"], vals["lo4"], vals["hi4"],
                    V0=vals["V0"], V1=vals["V1"], V2=vals["V2"], V3=vals["V3"], V4=vals["V4"],
-                   NR=nr, TOPK=topk, USE_CAP=use_cap, NP=max(16, _pow2_at_least(nKB)), num_warps=4)
+                   NR=nr, TOPK=topk, USE_CAP=use_cap, NP=max(16, _pow2_at_least(nKB)),
+                   num_warps=num_warps or LEVELS_WARPS)
     return lev
 
 

@@ -530,73 +530,72 @@ def quality(sizes, heads, inputs=("bench",)):
     rows = []
     for inp, hname, N in ((i, h, n) for i in inputs for h in heads for n in sizes):
         Hq, Hkv = HEADS[hname]
-        if True:
-            q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
-            dense_fn, _ = _sdpa(q, k, v, "flash")
-            dense = dense_fn().float()
-            lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
-            out = TA.pyramid_attention_triton(q, k, v, lev, 0, 1 / math.sqrt(128)).float()
-            err = ((out - dense).norm() / dense.norm()).item()
-            # the prompt rows (last text_length tokens) are the ones the answer is decoded from
-            t = Cfg.text_length
-            err_prompt = ((out[:, :, -t:] - dense[:, :, -t:]).norm() / dense[:, :, -t:].norm()).item()
-            rows.append(dict(input=inp, heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
-            log(f"  {inp} {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
-                f"prompt rows {err_prompt:.4f}")
-            del q, k, v, dense, out, lev
-            torch.cuda.empty_cache()
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
+        dense_fn, _ = _sdpa(q, k, v, "flash")
+        dense = dense_fn().float()
+        lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
+        out = TA.pyramid_attention_triton(q, k, v, lev, 0, 1 / math.sqrt(128)).float()
+        err = ((out - dense).norm() / dense.norm()).item()
+        # the prompt rows (last text_length tokens) are the ones the answer is decoded from
+        t = Cfg.text_length
+        err_prompt = ((out[:, :, -t:] - dense[:, :, -t:]).norm() / dense[:, :, -t:].norm()).item()
+        rows.append(dict(input=inp, heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
+        log(f"  {inp} {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
+            f"prompt rows {err_prompt:.4f}")
+        del q, k, v, dense, out, lev
+        torch.cuda.empty_cache()
     return rows
 
 
 # ============================================================================ table
 
 def table(sizes, heads, attn_tiles=None, est_tiles=None, dense_tiles=None, inputs=("bench",)):
-    log(f"== table (bf16, D=128, video-like, energybound defaults) tiles: PSA {attn_tiles or TA.DEFAULT_TILES[128]}, "
-        f"all-L1/dense {dense_tiles or TA.DENSE_TILES[128]}, estimate {est_tiles or TE.DEFAULT_EST_TILES} ==")
+    dflt = "module default for this GPU"
+    log(f"== table (bf16, D=128, video-like, energybound defaults) tiles: PSA {attn_tiles or dflt}, "
+        f"all-L1/dense {dense_tiles or dflt}, estimate {est_tiles or TE.DEFAULT_EST_TILES} ==")
     rows = []
     for inp, hname, N in ((i, h, n) for i in inputs for h in heads for n in sizes):
         Hq, Hkv = HEADS[hname]
-        if True:
-            scale = 1 / math.sqrt(128)
-            t0 = time.time()
-            q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
-            fa2, _ = _sdpa(q, k, v, "flash")
-            cud, _ = _sdpa(q, k, v, "cudnn")
-            rep = 200 if N <= 32768 else 600
-            t_fa2 = bench(fa2, rep)
-            t_cud = bench(cud, rep) if cud else float("nan")
-            lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
-            sp = sparsity(lev)
-            ones = torch.ones_like(lev)
-            t_est = bench(lambda: TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles), rep)
-            t_k = bench(lambda: TA.pyramid_attention_triton(q, k, v, lev, 0, scale, block_size=BLK, tiles=attn_tiles), rep)
-            t_1 = bench(lambda: TA.dense_attention_triton(q, k, v, 0, scale, block_size=BLK, tiles=dense_tiles), rep)
+        scale = 1 / math.sqrt(128)
+        t0 = time.time()
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
+        fa2, _ = _sdpa(q, k, v, "flash")
+        cud, _ = _sdpa(q, k, v, "cudnn")
+        rep = 200 if N <= 32768 else 600
+        t_fa2 = bench(fa2, rep)
+        t_cud = bench(cud, rep) if cud else float("nan")
+        lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
+        sp = sparsity(lev)
+        ones = torch.ones_like(lev)
+        t_est = bench(lambda: TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles), rep)
+        t_k = bench(lambda: TA.pyramid_attention_triton(q, k, v, lev, 0, scale, block_size=BLK, tiles=attn_tiles), rep)
+        t_1 = bench(lambda: TA.dense_attention_triton(q, k, v, 0, scale, block_size=BLK, tiles=dense_tiles), rep)
 
-            def total():
-                lv, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
-                return TA.pyramid_attention_triton(q, k, v, lv, 0, scale, block_size=BLK, tiles=attn_tiles)
+        def total():
+            lv, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
+            return TA.pyramid_attention_triton(q, k, v, lv, 0, scale, block_size=BLK, tiles=attn_tiles)
 
-            t_tot = bench(total, rep)
-            # memory one layer call adds on top of its inputs (the output included): the issue asks
-            # for no per-query-head copy of K/V, i.e. far below (Hq/Hkv) x the K+V bytes
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            out = total()
-            torch.cuda.synchronize()
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del out
-            kv_mib = (k.numel() + v.numel()) * k.element_size() / 2**20
-            flops = 4.0 * Hq * N * N * 128 / 2
-            r = dict(input=inp, heads=hname, N=N, sparsity=sp, fa2=t_fa2, cudnn=t_cud, est=t_est, kernel=t_k, all1=t_1,
-                     total=t_tot, tflops_fa2=flops / t_fa2 / 1e9, tflops_all1=flops / t_1 / 1e9,
-                     tflops_total=flops / t_tot / 1e9, extra_mib=extra, kv_mib=kv_mib,
-                     out_mib=q.numel() * q.element_size() / 2**20)
-            rows.append(r)
-            log(f"  {hname} N={N}: {json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()})} "
-                f"({time.time() - t0:.0f}s)")
-            del q, k, v, lev, ones
-            torch.cuda.empty_cache()
+        t_tot = bench(total, rep)
+        # memory one layer call adds on top of its inputs (the output included): the issue asks
+        # for no per-query-head copy of K/V, i.e. far below (Hq/Hkv) x the K+V bytes
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = total()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del out
+        kv_mib = (k.numel() + v.numel()) * k.element_size() / 2**20
+        flops = 4.0 * Hq * N * N * 128 / 2
+        r = dict(input=inp, heads=hname, N=N, sparsity=sp, fa2=t_fa2, cudnn=t_cud, est=t_est, kernel=t_k, all1=t_1,
+                 total=t_tot, tflops_fa2=flops / t_fa2 / 1e9, tflops_all1=flops / t_1 / 1e9,
+                 tflops_total=flops / t_tot / 1e9, extra_mib=extra, kv_mib=kv_mib,
+                 out_mib=q.numel() * q.element_size() / 2**20)
+        rows.append(r)
+        log(f"  {hname} N={N}: {json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()})} "
+            f"({time.time() - t0:.0f}s)")
+        del q, k, v, lev, ones
+        torch.cuda.empty_cache()
     hdr = ("| input | heads | N | sparsity | FA2 ms | cuDNN ms | est ms | est/total | PSA kernel ms | kernel/((1-s)FA2) | "
            "all-L1 ms | all-L1/FA2 | all-L1/cuDNN | PSA total ms | total/FA2 | total/cuDNN | "
            "TFLOP/s FA2 / all-L1 / total | peak extra MiB (output / K+V MiB) |")

@@ -436,6 +436,7 @@ def _tma_ok(*ts):
 
 
 _TMA_BROKEN = None  # set (to the error) when a TMA launch failed in this process
+_TMA_OOR: set = set()  # tile settings whose TMA kernel ran out of shared memory
 
 
 def _want_tma(q, use_tma):
@@ -596,15 +597,21 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
                        DT1=dt1, DT2=dt2, DT4=dt4, DT8=dt8, USE_TMA=tma_now, WS=ws and tma_now,
                        num_warps=warps, num_stages=stages)
 
+    oor_key = (bm, bn, bnp, warps, stages, gather, D, blk, dt)
+    if tma and variant is None and oor_key in _TMA_OOR:
+        tma = False  # these tiles did not fit with TMA before: straight to the plain kernel
     if tma and variant is None:
         try:
             _go(True)
         except Exception as ex:  # a Triton without working descriptors here: the plain kernel, from now on
-            if type(ex).__name__ != "OutOfResources":
-                _TMA_BROKEN = f"{type(ex).__name__}: {str(ex)[:300]}"
+            err = f"{type(ex).__name__}: {str(ex)[:300]}"
+            if type(ex).__name__ == "OutOfResources":  # these tiles only (e.g. tiles made for the plain path)
+                _TMA_OOR.add(oor_key)
+            else:
+                _TMA_BROKEN = err
             import warnings
 
-            warnings.warn(f"PSA: the TMA attention kernel failed ({_TMA_BROKEN}); using the plain kernel")
+            warnings.warn(f"PSA: the TMA attention kernel failed ({err}); using the plain kernel")
             _go(False)
     else:
         _go(tma)  # an explicitly requested variant fails loudly

@@ -42,7 +42,6 @@ from psa_paddle.config import AttentionConfig  # noqa: E402
 
 DEV = "cuda"
 BLK = 128
-OLD_H200 = ("old default (H200-tuned, 224 KiB)", (128, 128, 64, 8, 3), (64, 128, 8, 3))
 LOG = []
 
 
@@ -53,8 +52,16 @@ def log(*a):
 
 
 def sets():
-    out = [(f"{ts.name} (>= {ts.min_shared // 1024} KiB)", ts.attention, ts.estimate) for ts in TL.TILE_SETS]
-    return out + [OLD_H200]
+    """(label, attention tiles, use_tma, estimate tiles) as each class runs them: TMA loads only
+    where the kernels' auto rule uses them (9.x); the other classes' plain kernels forced here."""
+    out = []
+    for ts in TL.TILE_SETS:
+        label = f"{ts.name} (>= {ts.min_shared // 1024} KiB)"
+        if ts.attention_tma is not None:
+            out.append((label + ", TMA", ts.attention_tma, True, ts.estimate))
+            label += ", plain"
+        out.append((label, ts.attention, False, tuple(ts.estimate[:5]) + ("plain",)))
+    return out
 
 
 # ----------------------------------------------------------------------------- reference
@@ -125,7 +132,7 @@ def check(seq, dtypes):
     log("| tile set | attention tiles | dtype | PSA mask rel. L2 | Lq<Lk rel. L2 | dense rel. L2 | all written |")
     log("|---|---|---|---|---|---|---|")
     ok_all = True
-    for name, att, _ in sets():
+    for name, att, tma, _ in sets():
         for dt in dtypes:
             torch.manual_seed(1)
             Hq, Hkv, D = 4, 2, 128
@@ -141,11 +148,11 @@ def check(seq, dtypes):
                     qq = q[:, :, q_offset:]
                     lv = random_levels(Hq, nKB - q_offset // BLK, nKB, q_offset // BLK, seed=q_offset)
                     out = torch.full_like(qq, float("nan"))
-                    TA.pyramid_attention_triton(qq, k, v, lv, q_offset, scale, tiles=att, out=out)
+                    TA.pyramid_attention_triton(qq, k, v, lv, q_offset, scale, tiles=att, out=out, use_tma=tma)
                     torch.cuda.synchronize()
                     written &= not bool(out.isnan().any())
                     row.append(f"{relerr(out, ref_psa(qq, k, v, lv, q_offset, scale)):.2e}")
-                out = TA.dense_attention_triton(q, k, v, 0, scale, tiles=att)
+                out = TA.dense_attention_triton(q, k, v, 0, scale, tiles=att, use_tma=tma)
                 ref = torch.nn.functional.scaled_dot_product_attention(
                     q.float(), k.float().repeat_interleave(Hq // Hkv, 1), v.float().repeat_interleave(Hq // Hkv, 1),
                     is_causal=True, scale=scale)
@@ -202,12 +209,12 @@ def timing(seq, dtypes, rep):
         sparsity = 1 - float(inv[..., causal].mean())
         log(f"<!-- {dt}: mask from the estimate on random inputs, FLOP-equivalent sparsity {sparsity:.3f}; "
             f"FA2 {t_fa2:.3f} ms, cuDNN {t_cudnn:.3f} ms -->")
-        for name, att, est in sets():
+        for name, att, tma, est in sets():
             try:
-                t_att = do_bench(lambda: TA.pyramid_attention_triton(q, k, v, lv, 0, 0.088, tiles=att), rep=rep,
-                                 return_mode="median")
-                t_den = do_bench(lambda: TA.dense_attention_triton(q, k, v, 0, 0.088, tiles=att), rep=rep,
-                                 return_mode="median")
+                t_att = do_bench(lambda: TA.pyramid_attention_triton(q, k, v, lv, 0, 0.088, tiles=att, use_tma=tma),
+                                 rep=rep, return_mode="median")
+                t_den = do_bench(lambda: TA.dense_attention_triton(q, k, v, 0, 0.088, tiles=att, use_tma=tma),
+                                 rep=rep, return_mode="median")
                 t_est = do_bench(lambda: TE.estimate_levels_triton(q, k, cfg, 0, tiles=est), rep=rep,
                                  return_mode="median")
             except Exception as e:  # noqa: BLE001
@@ -240,7 +247,7 @@ def stats_cost(seq, layers=28, reps=5):
 
     def layer():
         lv, _ = TE.estimate_levels_triton(q, k, cfg, 0, tiles=ts.estimate)
-        out = TA.pyramid_attention_triton(q, k, v, lv, 0, 0.088, tiles=ts.attention)
+        out = TA.pyramid_attention_triton(q, k, v, lv, 0, 0.088, tiles=ts.attention_tma)
         return lv, out
 
     def hist_dev(lv):

@@ -25,11 +25,12 @@ SPARE = 8 * KIB  # shared memory left unused per block, at least
 
 # (BLOCK_M, BLOCK_N level-1 tile, BLOCK_NP pooled tile, num_warps, num_stages)
 AttentionTiles = tuple
-# (BM strided query rows, BN strided key rows, num_warps, num_stages)
+# (BM strided query rows, BN strided key rows, num_warps, num_stages, passes): passes 1 = the
+# one-pass importance kernel (a float32 scratch of per-(row, key block) log-sums), 2 = two-pass
 EstimateTiles = tuple
 
 INTERPRETER_ATTENTION = (64, 32, 32, 4, 1)
-INTERPRETER_ESTIMATE = (32, 32, 4, 1)
+INTERPRETER_ESTIMATE = (32, 32, 4, 1, 1)
 
 
 class UnsupportedGPU(RuntimeError):
@@ -41,31 +42,33 @@ class TileSet:
     name: str
     min_arch: int  # compute capability x10
     min_shared: int  # bytes of shared memory per block (opt-in maximum) the set was checked for
-    attention: AttentionTiles  # the PSA attention kernel (levels 1/2/4/8)
-    dense: AttentionTiles  # the same kernel with every block at level 1
+    attention: AttentionTiles  # the PSA attention kernel (levels 1/2/4/8), plain loads
+    dense: AttentionTiles  # the same kernel with every block at level 1, plain loads
     estimate: EstimateTiles  # the importance-estimate kernel
+    attention_tma: AttentionTiles | None = None  # attention and dense with TMA loads (Hopper, 9.x)
 
 
 # Largest first. Shared memory a block needs (bf16 = fp16, head size 128), compiled by
 # Triton 3.9 (tests/test_gpu_targets.py prints them): see each comment.
 TILE_SETS = (
-    # 9.0 (H100/H200/GH200), 10.0 (B200/GB200): 227 KiB per block. The H200-tuned
-    # (128, 128, 64, 8, 3) needs 224 KiB there (3 KiB spare): two stages instead, 160 KiB.
-    # Estimate (64, 128, 8, 3): 144 KiB.
+    # 9.0 (H100/H200/GH200), 10.0 (B200/GB200): 227 KiB per block. 9.x runs the TMA kernel
+    # (triton_attention's auto rule) with the H200-tuned 64x64 tiles; the plain kernel, used
+    # where TMA cannot be (a non-contiguous input, 10.0), keeps 128x128 but two stages: the
+    # H200-tuned three stages need 224 of 227 KiB. Estimate: the H200-tuned one-pass kernel.
     TileSet("datacenter Hopper/Blackwell", 90, 227 * KIB,
-            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 8, 3)),
-    # 8.0 (A100/A800/A30), 8.7 (Orin): 163 KiB. On 8.x (mma.sync) the same tiles need less:
-    # attention 96 KiB with 2 stages (3 stages: 160 KiB, too close), estimate 96 KiB.
+            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 4, 4, 1),
+            attention_tma=(64, 64, 64, 4, 3)),
+    # 8.0 (A100/A800/A30), 8.7 (Orin): 163 KiB. On 8.x (mma.sync) 128x128 needs 96 KiB with
+    # two stages (three: 160 KiB, too close).
     TileSet("datacenter Ampere", 80, 163 * KIB,
-            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 8, 3)),
+            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 4, 3, 1)),
     # 8.6 (A10/A40/RTX 30), 8.9 (L4/L40S/RTX 40), 12.0 (RTX 50/RTX PRO): 99 KiB.
-    # Attention 64 KiB (128x128 tiles: 96 KiB, too close), estimate 48 KiB.
+    # 128x128 needs 96 KiB there (3 KiB spare): 128x64.
     TileSet("99 KiB cards (Ampere/Ada/Blackwell workstation)", 80, 99 * KIB,
-            attention=(128, 64, 32, 4, 2), dense=(128, 64, 32, 4, 2), estimate=(64, 128, 8, 2)),
+            attention=(128, 64, 32, 4, 2), dense=(128, 64, 32, 4, 2), estimate=(64, 64, 4, 2, 1)),
     # 7.5 (T4, RTX 20): 64 KiB, float16 only (no bfloat16 tensor cores).
-    # Attention 48 KiB, estimate 32 KiB.
     TileSet("Turing", 75, 64 * KIB,
-            attention=(64, 32, 16, 4, 1), dense=(64, 32, 16, 4, 1), estimate=(32, 64, 4, 2)),
+            attention=(64, 32, 16, 4, 1), dense=(64, 32, 16, 4, 1), estimate=(32, 64, 4, 2, 1)),
 )
 
 # The classes the tests compile for: compute capability x10 -> (shared memory per block, dtypes)
@@ -115,10 +118,13 @@ def for_tensor(t) -> TileSet | None:
     return _for_device(device, _launch.dtype_name(t), id(drv))
 
 
-def attention_tiles(t, dense: bool = False) -> AttentionTiles:
+def attention_tiles(t, dense: bool = False, tma: bool = False) -> AttentionTiles:
+    """Tiles of the attention kernel for ``t``'s GPU; ``tma``: the kernel will use TMA loads."""
     ts = for_tensor(t)
     if ts is None:
         return INTERPRETER_ATTENTION
+    if tma and ts.attention_tma is not None:
+        return ts.attention_tma
     return ts.dense if dense else ts.attention
 
 

@@ -13,7 +13,9 @@ The public steps behind every entry point (single calls, sessions, corpus mode) 
     ans = m.answer(prompt.embeds, positions, m.new_cache(), prompt.ids, opts, stream, t_start)
     stats = m.collect_stats(prompt.ids, media.timings, {...}, prompt.vision_s, ans, media.info)
 
-`ask(media, question, **gen)` runs them in order for one cold question.
+`ask(media, question, **gen)` runs them in order for one cold question; `ask_text(media, text)` does
+the same for a prompt the caller rendered with the chat template (the server's conversations). A
+stream callback may raise generation.StopGeneration to end an answer early (stop strings, cancel).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class Answer:
     """One generated answer and its timings."""
     text: str
     token_ids: List[int]  # without the stop token
-    stopped_by: str  # "eos" or "max_tokens"
+    stopped_by: str  # "eos", "max_tokens", or the reason of a generation.StopGeneration
     rope_deltas: Any  # continues the mrope positions for text after the prompt
     prefill_s: float
     decode_s: float
@@ -183,9 +185,15 @@ class QwenVLInference:
     def ask(self, media: MediaInput, question: str, *, stream: Stream = False, **gen) -> str:
         """One question, cold: the whole prompt prefilled into a fresh cache."""
         check_prompt(question)
+        return self.ask_text(media, self.prompts.chat_text(media.with_question(question)), stream=stream, **gen)
+
+    def ask_text(self, media: MediaInput, text: str, *, stream: Stream = False, **gen) -> str:
+        """ask() for a prompt already rendered with the chat template (a whole conversation, a
+        system turn of its own: what the server builds), its media placeholders in `media`'s order.
+        media may be MediaInput([], {}) for a text-only prompt."""
         opts = self.start_call(gen)
         t_start = time.perf_counter()
-        prompt = self.prompts.prepare(self.prompts.chat_text(media.with_question(question)), media.processor_kwargs)
+        prompt = self.prompts.prepare(text, media.processor_kwargs)
         self.prompts.encode_media(prompt)
         self.attention.reset()
         cache = self.new_cache()

@@ -77,14 +77,15 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
     def warmup_instead_of_launch(kernel, grid, *args, **kwargs):
         compiled = kernel.warmup(*args, grid=grid, **kwargs)
         seen.append((kernel.fn.__name__, int(compiled.metadata.shared),
-                     {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BM", "BN", "num_warps", "num_stages")
+                     {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BM", "BN", "USE_TMA", "num_warps", "num_stages")
                       if k in kwargs}))
         return compiled
 
     stand_in = StandInDriver(arch, shared)
-    saved_active, saved_launch = triton_driver._active, L.launch
+    saved_active, saved_launch, saved_cc = triton_driver._active, L.launch, ta._device_cc
     triton_driver.set_active(stand_in)
     L.launch = warmup_instead_of_launch
+    ta._device_cc = lambda t: divmod(arch, 10)  # the kernels' own TMA rule sees this target too
     T._for_device.cache_clear()
     try:
         paddle.seed(0)
@@ -95,6 +96,8 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
         ts = T.select(arch, shared, dtype)
         if ts.dense != ts.attention:  # the same kernel: only other tiles need their own check
             ta.dense_attention_triton(q, k, k, 0, 0.088)
+        if ts.attention_tma is not None:  # the TMA kernel ran above (9.x); the plain one is its fallback
+            ta.pyramid_attention_triton(q, k, k, levels, 0, 0.088, use_tma=False)
         for mode in ("energybound", "topk"):
             te.estimate_levels_triton(q, k, AttentionConfig(mask_mode=mode), 0)
         # the long-prompt widths of the per-row kernels (sort and LUT over 1024 key blocks)
@@ -102,12 +105,13 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
         te.levels_from_importance_triton(imp, None, (LONG_KB - 1) * 128, 128)
         ta.build_level_lut(paddle.ones([1, 1, 1, LONG_KB], "int8"), (LONG_KB - 1) * 128, 128)
     finally:
-        L.launch = saved_launch
+        L.launch, ta._device_cc = saved_launch, saved_cc
         triton_driver._active = saved_active
         T._for_device.cache_clear()
-        for kern in (ta._attn_kernel, ta._pyramid_kernel, ta._lut_kernel, te._cap_kernel,
-                     te._importance_kernel, te._levels_kernel):
-            kern.device_caches.pop(stand_in.device, None)
+        for mod in (ta, te):
+            for kern in vars(mod).values():
+                if hasattr(kern, "device_caches"):
+                    kern.device_caches.pop(stand_in.device, None)
     return seen
 
 
@@ -146,9 +150,9 @@ def test_every_kernel_fits_with_room_to_spare(compiled, arch, dtype):
     shared = T.GPU_CLASSES[arch][0]
     seen = compiled[(arch, dtype)]
     names = {name for name, _, _ in seen}
-    assert names >= {"_attn_kernel", "_pyramid_kernel", "_lut_kernel", "_cap_kernel", "_importance_kernel",
-                     "_levels_kernel"}, names
-    report = ", ".join(f"{n} {s // 1024} KiB" for n, s, _ in seen)
+    assert names >= {"_attn_kernel", "_pyramid_kernel", "_lut_kernel", "_cap_kernel", "_levels_kernel"}, names
+    assert names & {"_importance_kernel", "_importance1_kernel"}, names
+    report = ", ".join(f"{n}{' (TMA)' if t.get('USE_TMA') else ''} {s // 1024} KiB" for n, s, t in seen)
     print(f"sm_{arch} {dtype} ({shared // 1024} KiB, {compiled[(arch, dtype, 's')]:.0f} s): {report}")
     for name, need, tiles in seen:
         assert need + T.SPARE <= shared, (

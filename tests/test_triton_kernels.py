@@ -274,6 +274,87 @@ def test_importance_vs_numpy(B, Hq, Hkv, Lq, Lk, D, blk, S):
     np.testing.assert_allclose(imp, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_importance_one_pass_equals_two_pass(monkeypatch):
+    """The one-pass kernel (per-(row, key block) log-sums in a scratch) against the two-pass kernel
+    and the numpy reference; also with the scratch bound forcing one launch per head."""
+    import psa_paddle.triton_estimate as te
+
+    rng = np.random.default_rng(11)
+    B, Hq, Hkv, Lq, Lk, D, blk, S = 1, 3, 1, 260, 450, 32, 64, 8
+    q = rng.standard_normal((B, Hq, Lq, D)).astype(np.float32) * 2
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(np.float32) * 2
+    ref = ref_importance(q, k, blk, S, Lk - Lq)
+    one = importance_triton(_t(q), _t(k), blk, S, Lk - Lq, tiles=(32, 32, 4, 1, 1)).numpy()
+    two = importance_triton(_t(q), _t(k), blk, S, Lk - Lq, tiles=(32, 32, 4, 1, 2)).numpy()
+    monkeypatch.setattr(te, "SCRATCH_BYTES", 1)
+    chunked = importance_triton(_t(q), _t(k), blk, S, Lk - Lq, tiles=(32, 32, 4, 1, 1)).numpy()
+    for got in (one, two, chunked):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(one, chunked)
+
+
+def test_attention_gathered_pooled_tiles():
+    """tiles[6] = gather: levels 4 and 8 run in BLOCK_NP-key tiles that gather several blocks."""
+    rng = np.random.default_rng(5)
+    B, Hq, Hkv, Lq, Lk, D, blk = 1, 2, 1, 300, 700, 32, 128
+    q, k, v = (rng.standard_normal((B, h, n, D)).astype(np.float32) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    nKB = -(-Lk // blk)
+    qb0 = (Lk - Lq) // blk
+    lv = _rand_levels(rng, B, Hq, nKB - qb0, nKB, qb0, p=(0.1, 0.2, 0.2, 0.25, 0.25))
+    for tiles in ((64, 32, 32, 4, 1, "plain", True), (32, 32, 64, 4, 1, "plain", True)):
+        out = pyramid_attention_triton(_t(q), _t(k), _t(v), paddle.to_tensor(lv), Lk - Lq, 0.2, tiles=tiles).numpy()
+        assert _relerr(out, ref_attention(q, k, v, lv, Lk - Lq, 0.2, blk)) < 2e-5, tiles
+
+
+_SM90_COMPILE = r"""
+import sys
+import paddle
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+class StandIn:  # compile only: no GPU, no launch
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, d=None): return 0
+    def set_current_device(self, d): pass
+    def is_active(self): return True
+    def get_active_torch_device(self): return None
+driver.set_active(StandIn())
+sys.path.insert(0, sys.argv[1])
+from psa_paddle import triton_attention as TA, triton_estimate as TE
+Hq, Hkv, L, D = 28, 4, 4096, 128
+q = paddle.zeros([1, Hq, L, D], dtype="bfloat16"); k = paddle.zeros([1, Hkv, L, D], dtype="bfloat16")
+lev = paddle.zeros([1, Hq, 32, 32], dtype="int8"); lut = paddle.zeros([Hq * 32, 32], dtype="int32")
+bm, bn, bnp, w, st = TA.HOPPER_TMA_TILES[128]
+c = TA._attn_kernel.warmup(q, k, k, k, k, q, lev, lut, lut, TA._flat_desc(q, bm, D), TA._flat_desc(k, bn, D),
+    TA._flat_desc(k, bn, D), Hq * L * D, L * D, D, Hkv * L * D, L * D, D, Hkv * L * D, L * D, D, Hq * L * D, L * D, D,
+    32 * 32 * Hq, 32 * 32, 32, Hq, Hq // Hkv, L, L, 0, 0, 32, 32, 100, 10, 20, 32, 0.1,
+    D=D, BLK=128, BLOCK_M=bm, BLOCK_N=bn, T2=64, T4=32, T8=16, DT1=bn, DT2=64, DT4=32, DT8=16,
+    USE_TMA=True, WS=TA.HOPPER_WARP_SPECIALIZE, num_warps=w, num_stages=st, grid=(1,))
+assert "cp.async.bulk.tensor" in c.asm["ptx"] and c.metadata.shared <= 232448, c.metadata.shared
+ebm, ebn, ew, est = TE.DEFAULT_EST_TILES[:4]
+imp = paddle.zeros([1, Hq, 32, 32], dtype="float32")
+c = TE._importance1_kernel.warmup(q, k, imp, imp, TE._strided_desc(q, 16, ebm), TE._strided_desc(k, 16, ebn),
+    Hq * L * D, L * D, D, Hkv * L * D, L * D, D, Hq, Hq // Hkv, 0, 4, L, L, 0, 0, 32, 32, 0.1,
+    D=D, S=16, R=8, BM=ebm, BN=ebn, USE_TMA=True, num_warps=ew, num_stages=est, grid=(1,))
+assert "cp.async.bulk.tensor" in c.asm["ptx"] and c.metadata.shared <= 232448, c.metadata.shared
+print("OK")
+"""
+
+
+def test_tma_kernels_compile_for_sm90():
+    """The Hopper (TMA) attention and one-pass estimate kernels compile for sm_90 with the default
+    tiles, use the bulk tensor copy, and fit in shared memory (a fresh process: compiled mode)."""
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE, root], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_similarity_cap_vs_numpy():
     rng = np.random.default_rng(2)
     k = np.concatenate([_video_like(rng, 1, 2, 256, 64, 0.99), rng.standard_normal((1, 2, 77, 64)).astype(np.float32)], 2)

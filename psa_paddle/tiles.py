@@ -52,21 +52,23 @@ class TileSet:
 # Triton 3.9 (tests/test_gpu_targets.py prints them): see each comment.
 TILE_SETS = (
     # 9.0 (H100/H200/GH200), 10.0 (B200/GB200): 227 KiB per block. 9.x runs the TMA kernel
-    # (triton_attention's auto rule) with the H200-tuned 64x64 tiles; the plain kernel, used
-    # where TMA cannot be (a non-contiguous input, 10.0), keeps 128x128 but two stages: the
-    # H200-tuned three stages need 224 of 227 KiB. Estimate: the H200-tuned one-pass kernel.
+    # (triton_attention's auto rule) with the H200-tuned 64x64 tiles, 208 KiB. The plain kernel
+    # (where TMA cannot be: a non-contiguous input, 10.0) takes the same tiles, 208 KiB: its
+    # 128x128 tiles need 288 KiB since issue 13 (224 of 227 before). Estimate: the H200-tuned
+    # one-pass kernel, 192 KiB.
     TileSet("datacenter Hopper/Blackwell", 90, 227 * KIB,
-            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 4, 4, 1),
+            attention=(64, 64, 64, 4, 3), dense=(64, 64, 64, 4, 3), estimate=(64, 128, 4, 4, 1),
             attention_tma=(64, 64, 64, 4, 3)),
-    # 8.0 (A100/A800/A30), 8.7 (Orin): 163 KiB. On 8.x (mma.sync) 128x128 needs 96 KiB with
-    # two stages (three: 160 KiB, too close).
+    # 8.0 (A100/A800/A30), 8.7 (Orin): 163 KiB. 128x128 needs 160 KiB there: 128x64, 96 KiB.
+    # Estimate one-pass, three stages: 96 KiB (four: 144).
     TileSet("datacenter Ampere", 80, 163 * KIB,
-            attention=(128, 128, 64, 8, 2), dense=(128, 128, 64, 8, 2), estimate=(64, 128, 4, 3, 1)),
+            attention=(128, 64, 64, 4, 2), dense=(128, 64, 64, 4, 2), estimate=(64, 128, 4, 3, 1)),
     # 8.6 (A10/A40/RTX 30), 8.9 (L4/L40S/RTX 40), 12.0 (RTX 50/RTX PRO): 99 KiB.
-    # 128x128 needs 96 KiB there (3 KiB spare): 128x64.
+    # 64x64 tiles: 88 KiB (128x64: 96, too close). Estimate one-pass, two stages: 48 KiB.
     TileSet("99 KiB cards (Ampere/Ada/Blackwell workstation)", 80, 99 * KIB,
-            attention=(128, 64, 32, 4, 2), dense=(128, 64, 32, 4, 2), estimate=(64, 64, 4, 2, 1)),
-    # 7.5 (T4, RTX 20): 64 KiB, float16 only (no bfloat16 tensor cores).
+            attention=(64, 64, 64, 4, 2), dense=(64, 64, 64, 4, 2), estimate=(64, 128, 4, 2, 1)),
+    # 7.5 (T4, RTX 20): 64 KiB, float16 only (no bfloat16 tensor cores). Attention 48 KiB,
+    # estimate 32 KiB.
     TileSet("Turing", 75, 64 * KIB,
             attention=(64, 32, 16, 4, 1), dense=(64, 32, 16, 4, 1), estimate=(32, 64, 4, 2, 1)),
 )

@@ -7,9 +7,11 @@ How a request runs
 - The event loop only parses and checks the request (413 for an oversized body, 400 for a bad one,
   404 for another model name) and admits it to the queue: at most one generation runs, at most
   `max_queue` wait, the next gets 429 with a Retry-After.
-- Everything that touches the model runs in one worker thread, in order: media fetch and decode,
-  chat template, vision encoder, prefill, decode. The loop stays free, so /health answers during a
-  long prefill. Streamed text goes back to the loop token by token.
+- Media that the prefix cache does not hold are downloaded first, in a small pool of fetch threads,
+  so a slow media server delays only its own request. Everything that touches the model then runs
+  in one worker thread, in order: media decode, chat template, vision encoder, prefill, token
+  decode. The loop stays free, so /health answers during a long prefill. Streamed text goes back
+  to the loop token by token.
 - A client that disconnects sets the job's cancel flag; the worker's stream callback raises
   generation.StopGeneration at the next token, which ends the answer there (a job still waiting is
   skipped). Stop strings end an answer the same way.
@@ -67,6 +69,9 @@ log = logging.getLogger("qwen_vl_psa.server")
 
 MAX_DECODE_PIXELS = 64_000_000  # a small file can hold a huge image: refuse it before decoding
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "cancelled": "stop"}
+
+
+FETCH_THREADS = 4  # downloads at once; the queue (--max-queue) bounds how many jobs can be fetching
 
 
 @dataclass
@@ -184,6 +189,7 @@ class Job:
     max_frames: Optional[int]
     use_psa: bool
     emit: Optional[Callable[[str], None]] = None  # streamed text, called from the worker thread
+    fetched: Optional[list] = None  # the media's bytes or paths, when the fetch stage got them
     cancel: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -375,6 +381,11 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.budget > 0
 
+    def contains(self, key: str) -> bool:
+        """Without touching the LRU order or the counters (the fetch stage asks)."""
+        with self.lock:
+            return key in self.entries
+
     def get(self, key: str):
         with self.lock:
             entry = self.entries.get(key)
@@ -443,7 +454,7 @@ class Worker:
 
         e = self.engine
         t0 = time.perf_counter()
-        psa = (self.settings.psa_config or _default_psa_config()) if job.use_psa else None
+        psa = self._psa(job)
         if psa is not None:
             e.enable_psa(psa)
         else:
@@ -502,6 +513,19 @@ class Worker:
         return result
 
     # -- media
+    def fetch(self, job: Job):
+        """The fetch stage (a fetch thread, before the job's turn): download what the prefix cache
+        does not already hold. The cache may still drop the entry before the job runs; then the
+        worker fetches it itself."""
+        if job.cancel.is_set() or not job.media:
+            return
+        if self.cache.enabled and self.cache.contains(self._key(job, self._psa(job))):
+            return
+        job.fetched = [fetch_media(url, self.settings.media) for url in job.media]
+
+    def _psa(self, job: Job):
+        return (self.settings.psa_config or _default_psa_config()) if job.use_psa else None
+
     def _key(self, job: Job, psa) -> str:
         parts = [job.kind]
         for url in job.media:
@@ -520,7 +544,8 @@ class Worker:
 
     def _load(self, job: Job):
         e = self.engine
-        fetched = [fetch_media(url, self.settings.media) for url in job.media]
+        fetched = job.fetched or [fetch_media(url, self.settings.media) for url in job.media]
+        job.fetched = None  # the bytes are not needed after decoding
         if job.kind == "video":
             return self._load_video(fetched[0], job)
         images = [_decode_image(f) for f in fetched]
@@ -605,6 +630,7 @@ class Server:
         self.engine, self.settings = engine, settings
         self.worker = Worker(engine, settings)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-vl-psa-generate")
+        self.fetcher = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="qwen-vl-psa-fetch")
         self.pending = 0  # running + waiting; only touched on the event loop
         self.jobs: set = set()  # submitted and not finished
         self.job_s = 5.0  # running average of a job's seconds, for Retry-After
@@ -622,7 +648,13 @@ class Server:
     def submit(self, job: Job) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        future = loop.run_in_executor(self.executor, self.worker.run, job)
+
+        async def stages():
+            if job.media:
+                await loop.run_in_executor(self.fetcher, self.worker.fetch, job)
+            return await loop.run_in_executor(self.executor, self.worker.run, job)
+
+        future = asyncio.ensure_future(stages())
         self.jobs.add(job)
 
         def done(_):
@@ -677,7 +709,8 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         for job in list(server.jobs):  # a generation still running stops at its next token
             job.cancel.set()
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: server.executor.shutdown(wait=True, cancel_futures=True))
+            None, lambda: (server.fetcher.shutdown(wait=True, cancel_futures=True),
+                           server.executor.shutdown(wait=True, cancel_futures=True)))
         server.worker.close()
 
     app = FastAPI(title="qwen-vl-psa", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)

@@ -340,6 +340,33 @@ def test_health_answers_during_a_long_prefill(api, sample_video_path):
     assert len(latencies) >= 5 and max(latencies) < 1.0, latencies
 
 
+def test_a_slow_media_server_delays_only_its_own_request(shared_model, http_server, sample_image_path):
+    # the image's server answers after 3 s; a text question sent meanwhile must not wait for it
+    server = make_server(shared_model, timeout_s=10.0)
+    try:
+        (http_server.root / "photo.png").write_bytes(Path(sample_image_path).read_bytes())
+        http_server.slow_s = 3
+        done = {}
+
+        def slow():
+            done["image"] = post(server, _body(image_part(http_server.url + "/__slow__/photo.png")))
+            done["image_t"] = time.perf_counter()
+        t = threading.Thread(target=slow)
+        t.start()
+        deadline = time.time() + 10
+        while not any("__slow__" in h for h in http_server.hits):  # the download has started
+            assert time.time() < deadline
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        text = post(server, {"model": NAME, "messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 2})
+        text_t = time.perf_counter()
+        t.join(30)
+        assert text.status_code == 200 and done["image"].status_code == 200, done["image"].text
+        assert text_t < done["image_t"] and text_t - t0 < 2.5
+    finally:
+        server.close()
+
+
 def test_a_non_streaming_client_that_leaves_stops_its_generation(api):
     body = {"model": NAME, "messages": [{"role": "user", "content": "Another long story."}], "max_tokens": 3000}
     with pytest.raises(httpx.ReadTimeout):

@@ -27,6 +27,8 @@ Three launches, none of which needs the host to look at device data:
 
 from __future__ import annotations
 
+import warnings
+
 from . import launch as _launch
 from . import tiles as _tiles
 from .config import block_from_levels_shape
@@ -595,10 +597,9 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
                 _TMA_OOR.add(oor_key)
             else:
                 _TMA_BROKEN = err
-            import warnings
-
-            warnings.warn(f"PSA: the TMA attention kernel failed ({err}); using the plain kernel")
             _go(False)
+            # after the plain kernel ran: if it fails too, psa.py's one warning says so, not two
+            warnings.warn(f"PSA: the TMA attention kernel failed ({err}); using the plain kernel", stacklevel=2)
     else:
         _go(tma)  # an explicitly requested variant fails loudly
     return out

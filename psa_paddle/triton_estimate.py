@@ -24,6 +24,7 @@ same shape). Three launches, no host synchronisation:
 from __future__ import annotations
 
 import math
+import warnings
 
 from . import launch as _launch
 from . import tiles as _tiles
@@ -352,12 +353,15 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
     sq, sk = _launch.strides(q), _launch.strides(k)
     n_t = -(-(nQB * R) // bm)
     qk_scale = _LOG2E / math.sqrt(D) / stride
+    failed = []  # faster kernels that could not run here, said once a slower one has
     if passes == 1 and _ONE_PASS_BROKEN is None:
         tma = _est_tma(q, k, stride, q_offset, variant) and _EST_TMA_BROKEN is None
         for use_tma in ((True, False) if tma else (False,)):
             try:
-                return _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t,
-                                            qk_scale, sq, sk, bm, bn, warps, stages, use_tma)
+                imp = _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t,
+                                           qk_scale, sq, sk, bm, bn, warps, stages, use_tma)
+                _note_fallbacks(failed)
+                return imp
             except Exception as ex:  # a Triton that cannot build it: the next kernel, from now on
                 if explicit:
                     raise
@@ -367,15 +371,20 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
                         _EST_TMA_BROKEN = err
                     else:
                         _ONE_PASS_BROKEN = err
-                import warnings
-
-                warnings.warn(f"PSA: the one-pass importance kernel (tma={use_tma}) failed ({type(ex).__name__}); "
-                              "falling back")
+                failed.append(f"one-pass importance kernel (tma={use_tma}): {type(ex).__name__}")
     imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")
     _launch.launch(_importance_kernel, (n_t, B * Hq), q, k, imp, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
                    Hq, Hq // Hkv, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
                    D=D, S=stride, R=R, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+    _note_fallbacks(failed)
     return imp
+
+
+def _note_fallbacks(failed: list):
+    """One warning for the faster kernels that failed, once a slower one has run: if every kernel
+    fails, psa.py's one warning says so instead."""
+    if failed:
+        warnings.warn(f"PSA: {'; '.join(failed)} failed; using a slower importance kernel", stacklevel=3)
 
 
 _ONE_PASS_BROKEN = None  # set (to the error) when the one-pass kernel failed to build in this process

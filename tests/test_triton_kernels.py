@@ -293,6 +293,38 @@ def test_importance_one_pass_equals_two_pass(monkeypatch):
     np.testing.assert_array_equal(one, chunked)
 
 
+def test_importance_fallback_warns_once_after_the_slower_kernel_ran(monkeypatch):
+    """The one-pass kernel cannot build: the two-pass kernel answers, with one warning; when the
+    two-pass kernel fails too, no warning here (psa.py says it, once) and the error propagates."""
+    import warnings
+
+    import psa_paddle.triton_estimate as te
+
+    def broken(*a, **kw):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(te, "_importance_one_pass", broken)
+    monkeypatch.setattr(te, "_ONE_PASS_BROKEN", None)
+    monkeypatch.setattr(te, "_EST_TMA_BROKEN", None)
+    monkeypatch.setattr(te._tiles, "INTERPRETER_ESTIMATE", (32, 32, 4, 1, 1))
+    rng = np.random.default_rng(12)
+    q = rng.standard_normal((1, 2, 200, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 200, 32)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        imp = importance_triton(_t(q), _t(k), 64, 8, 0).numpy()
+    msgs = [str(w.message) for w in record if str(w.message).startswith("PSA:")]
+    assert len(msgs) == 1 and "one-pass importance kernel" in msgs[0], msgs
+    np.testing.assert_allclose(imp, ref_importance(q, k, 64, 8, 0), rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(te, "_ONE_PASS_BROKEN", None)
+    monkeypatch.setattr(te._launch, "launch", broken)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="PassManager"):
+            importance_triton(_t(q), _t(k), 64, 8, 0)
+    assert not [w for w in record if str(w.message).startswith("PSA:")]
+
+
 def test_attention_gathered_pooled_tiles():
     """tiles[6] = gather: levels 4 and 8 run in BLOCK_NP-key tiles that gather several blocks."""
     rng = np.random.default_rng(5)

@@ -46,9 +46,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 _pkg = types.ModuleType("psa_paddle")
 _pkg.__path__ = [str(ROOT / "psa_paddle")]
 sys.modules.setdefault("psa_paddle", _pkg)
+from bench_psa import Cfg, sparsity, video_qkv  # noqa: E402
+
 from psa_paddle import triton_attention as TA  # noqa: E402
 from psa_paddle import triton_estimate as TE  # noqa: E402
-from bench_psa import Cfg, INPUTS, sparsity, video_qkv  # noqa: E402
 
 DEV = "cuda"
 DT = torch.bfloat16
@@ -316,7 +317,8 @@ def tables(rows, n_layers):
             if name.startswith("psa["):
                 sp = f" (s={r['sparsity'][name[4:-1]]:.2f})"
             peak = r["weights_gib"] + r["kv_cache_gib"] + b["peak_act_gib"]
-            out.append(f"| {r['N'] // 1024}K | {name}{sp} | {r['vision']['total']:.0f} | {other28:.0f} | {attn28:.0f} | "
+            out.append(f"| {r['N'] // 1024}K | {name}{sp} | {r['vision']['total']:.0f} | {other28:.0f} | "
+                       f"{attn28:.0f} | "
                        f"{est} | {b['ttft_ms']:.0f} | {b['ttft_ms'] / ref:.3f} | "
                        f"{peak:.1f} ({r['weights_gib']:.1f} + {r['kv_cache_gib']:.1f} + {b['peak_act_gib']:.1f}) |"
                        if ref else f"| {r['N'] // 1024}K | {name} | ... |")

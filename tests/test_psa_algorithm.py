@@ -301,7 +301,8 @@ def test_key_mask_equals_separate_runs(Lq):
 
 def test_dense_fallback_below_min_seq_len():
     rng = np.random.default_rng(6)
-    q, k, v = rng.standard_normal((1, 4, 90, 64)), rng.standard_normal((1, 2, 200, 64)), rng.standard_normal((1, 2, 200, 64))
+    q = rng.standard_normal((1, 4, 90, 64))
+    k, v = rng.standard_normal((1, 2, 200, 64)), rng.standard_normal((1, 2, 200, 64))
     out = psa_attention(to_pd(q), to_pd(k), to_pd(v), AttentionConfig(min_seq_len=201), scale=0.1).numpy()
     assert rel_err(out[0], ref_dense(q[0], k[0], v[0], 110, 0.1)) < 1e-5
     small = dense_causal_attention(to_pd(q), to_pd(k), to_pd(v), 110, 0.1, max_logits=1000).numpy()
@@ -310,7 +311,8 @@ def test_dense_fallback_below_min_seq_len():
 
 def test_q_offset_before_end_drops_future_keys():
     rng = np.random.default_rng(7)
-    q, k, v = rng.standard_normal((1, 2, 50, 64)), rng.standard_normal((1, 1, 400, 64)), rng.standard_normal((1, 1, 400, 64))
+    q = rng.standard_normal((1, 2, 50, 64))
+    k, v = rng.standard_normal((1, 1, 400, 64)), rng.standard_normal((1, 1, 400, 64))
     cfg = AttentionConfig(query_block=64, text_length=0, min_seq_len=0)
     a = psa_attention(to_pd(q), to_pd(k), to_pd(v), cfg, q_offset=200).numpy()
     b = psa_attention(to_pd(q), to_pd(k[:, :, :250]), to_pd(v[:, :, :250]), cfg).numpy()
@@ -364,7 +366,8 @@ def test_triton_backend_wiring(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # explicit "triton" off-GPU: interpreter only
     stats = PSAStats()
     out = psa_attention(q, k, v, AttentionConfig(backend="triton", **small), stats=stats).numpy()
-    assert calls == ["estimate", "attention"] and (stats.calls[0].backend, stats.calls[0].estimate) == ("triton", "triton")
+    assert calls == ["estimate", "attention"]
+    assert (stats.calls[0].backend, stats.calls[0].estimate) == ("triton", "triton")
     np.testing.assert_array_equal(out, plain)
     calls.clear()
     psa_attention(q, k, v, AttentionConfig(backend="auto", **small))  # auto on CPU: plain Paddle

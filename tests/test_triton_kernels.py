@@ -176,7 +176,7 @@ def test_attention_all_levels_single_level_rows():
 
 def test_attention_non_contiguous_inputs():
     """q/k/v as strided views ([B, L, H, D] storage) give the same result as contiguous ones."""
-    B, Hq, Hkv, L, D, blk = 1, 4, 2, 130, 64, 64
+    B, Hq, Hkv, L, D = 1, 4, 2, 130, 64
     rng = np.random.default_rng(5)
     qs = _t(rng.standard_normal((B, L, Hq, D)).astype(np.float32))
     ks = _t(rng.standard_normal((B, L, Hkv, D)).astype(np.float32))
@@ -389,7 +389,8 @@ def test_tma_kernels_compile_for_sm90():
 
 def test_similarity_cap_vs_numpy():
     rng = np.random.default_rng(2)
-    k = np.concatenate([_video_like(rng, 1, 2, 256, 64, 0.99), rng.standard_normal((1, 2, 77, 64)).astype(np.float32)], 2)
+    tail = rng.standard_normal((1, 2, 77, 64)).astype(np.float32)
+    k = np.concatenate([_video_like(rng, 1, 2, 256, 64, 0.99), tail], 2)
     th = (0.75, 0.7, 0.7)
     cap = similarity_cap_triton(_t(k), 64, th).numpy()
     ref = ref_cap(k, 64, th)

@@ -12,6 +12,7 @@ import warnings
 from typing import List
 
 from .errors import InputError, QwenVLError
+from .inputs import check_cli_args, guess_media_type, read_prompts_file
 from .loading import DEFAULT_MODEL, HUBS
 from .options import DEFAULT_FPS, DEFAULT_MAX_TOKENS, GenerationOptions, check_fps, default_prompt, psa_config_from_args
 from .report import format_session_stats, format_stats
@@ -76,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def infer_type(inputs: List[str]) -> str:
-    from .media import guess_media_type  # imports paddleformers' vision utilities
-
     kinds = {guess_media_type(i) for i in inputs}
     if len(kinds) == 1 and None not in kinds:
         return kinds.pop()
@@ -88,11 +87,7 @@ def collect_prompts(args, kind: str) -> List[str]:
     """--prompt (repeatable) then --prompts-file lines; the default question when none is given."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [ln.strip() for ln in f if ln.strip()]
-        except OSError as e:
-            raise InputError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from e
+        prompts += read_prompts_file(args.prompts_file)  # an empty file is an error, not the default question
     return prompts or [default_prompt(kind)]
 
 
@@ -125,6 +120,7 @@ def run_questions(model, args, kind, prompts, gen) -> int:
 
 
 def run_cli(args) -> int:
+    check_cli_args(args)  # paths, URLs, options, prompt files: in milliseconds, before the model stack
     if args.batch or args.merge:
         from .corpus import run_batch  # the model stack: only now that the arguments are known
 
@@ -172,7 +168,7 @@ def main(argv=None) -> int:
     except QwenVLError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

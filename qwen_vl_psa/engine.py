@@ -26,6 +26,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import paddle
 from paddleformers.transformers.cache_utils import DynamicCache
 
+from . import cpu_limits
 from .errors import InputError
 from .generation import TextStream, Timer, decode, prefill
 from .loading import (
@@ -87,6 +88,11 @@ class QwenVLInference:
         # The router is in place even without PSA: it gives prefill that continues a cache the
         # right causal offsets, which the model's own sdpa path does not.
         self.attention = install_router(self.model)
+        if self.device == "cpu":
+            # The eager vision attention builds [heads, N, N] scores per image: chunk it so
+            # memory grows linearly with the pixels (vision_attention.py).
+            from .vision_attention import install as install_chunked_vision
+            install_chunked_vision(self.model)
         if use_psa or psa_config is not None:
             self.enable_psa(psa_config)
 
@@ -140,11 +146,19 @@ class QwenVLInference:
         """Fetch, decode and resize images (the engine's pixel limits unless given)."""
         if not images:
             raise InputError("no images given: pass at least one path, URL or PIL image")
+        cap, on_downsize, notices = max_pixels or self.max_pixels, None, []
+        if cap is None and self.device == "cpu" and (min_pixels or self.min_pixels or 0) <= cpu_limits.CPU_IMAGE_MAX_PIXELS:
+            cap = cpu_limits.CPU_IMAGE_MAX_PIXELS
+            on_downsize = lambda *a: notices.append(self._notice(cpu_limits.cap_notice(*a)))  # noqa: E731
         with Timer() as t:
-            pil = [load_image(im, min_pixels=min_pixels or self.min_pixels,
-                              max_pixels=max_pixels or self.max_pixels, cache_dir=self.media_cache)
+            pil = [load_image(im, min_pixels=min_pixels or self.min_pixels, max_pixels=cap,
+                              cache_dir=self.media_cache, on_downsize=on_downsize)
                    for im in images]
-        return MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
+        self.check_fits(sum((im.width // 14) * (im.height // 14) for im in pil), "the image(s)")
+        media = MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
+        if notices:
+            media.info["notices"] = notices  # in the stats, so --json shows them too
+        return media
 
     def load_video(self, video, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
                    max_frames=None) -> MediaInput:
@@ -152,7 +166,31 @@ class QwenVLInference:
         v = video if isinstance(video, Video) else load_video(
             video, fps=fps, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels,
             max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose)
+        t, h, w = v.frames.shape[:3]
+        self.check_fits((t // 2) * (h // 14) * (w // 14), "the video")
         return MediaInput.video(v)
+
+    def check_fits(self, patches: int, what: str, text_tokens: int = 256) -> None:
+        """On the CPU: one InputError naming --max-pixels when the call's estimated working memory
+        (cpu_limits.estimate_bytes) exceeds what the machine has available, before the processor,
+        the vision encoder or the prefill allocate anything large."""
+        if self.device != "cpu":
+            return
+        avail = cpu_limits.available_bytes()
+        cfg = self.model.config
+        need = cpu_limits.estimate_bytes(patches, text_tokens, cfg.vision_config, cfg.text_config)
+        if avail is None or need <= avail:
+            return
+        raise InputError(f"{what} give {patches // 4} visual tokens, which need about {cpu_limits.gib(need)} "
+                         f"of memory on the CPU but {cpu_limits.gib(avail)} is available; lower --max-pixels "
+                         f"(max_pixels=; e.g. {cpu_limits.CPU_IMAGE_MAX_PIXELS}, the CPU default), or --fps / "
+                         f"--max-frames for a video")
+
+    def _notice(self, msg: str) -> str:
+        """One line on stderr (when verbose) about a choice made for the user; returned for the stats."""
+        if self.verbose:
+            print(f"notice: {msg}", file=sys.stderr, flush=True)
+        return msg
 
     def start_call(self, gen: dict) -> GenerationOptions:
         """Validated generation options (seeded), and the per-call peak-memory counter reset."""
@@ -161,6 +199,8 @@ class QwenVLInference:
             paddle.seed(opts.seed)
         if self.device == "gpu":
             paddle.device.cuda.reset_max_memory_allocated()
+        else:
+            cpu_limits.reset_peak_rss()  # each call reports its own peak, not the process's
         return opts
 
     def new_cache(self):
@@ -216,6 +256,7 @@ class QwenVLInference:
             "output_tokens": n_out,
             "stopped_by": ans.stopped_by,
             **peak_memory(self.device),
+            **({"peak_memory_mb": cpu_limits.peak_rss_mb()} if self.device == "cpu" else {}),
             **info,
         }
         if self.psa is not None:

@@ -41,8 +41,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 from paddleformers.transformers.qwen2_vl import vision_process as _vp
@@ -64,6 +62,9 @@ from paddleformers.transformers.qwen2_vl.vision_process import (
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
+from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
+from .inputs import file_url_path as _file_url_path
+from .inputs import url_scheme as _url_scheme
 from .fetch import cache_folder, cache_name, download, fetch_bytes, one_line, part_file
 
 PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
@@ -76,10 +77,6 @@ VIDEO_MIN_PIXELS = VIDEO_MIN_TOKEN_NUM * PATCH_PIXELS
 VIDEO_MAX_PIXELS = VIDEO_MAX_TOKEN_NUM * PATCH_PIXELS
 
 BACKENDS = ("auto", "decord", "pyav")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
-              ".3gp", ".ts"}
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 Source = Union[str, os.PathLike, Image.Image]
 
@@ -102,12 +99,15 @@ class Video:
 
 
 def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-               cache_dir: Optional[str] = None, timeout: float = 30) -> Image.Image:
+               cache_dir: Optional[str] = None, timeout: float = 30,
+               on_downsize: Optional[Callable[[str, tuple, tuple], None]] = None) -> Image.Image:
     """Open an image and resize it the Qwen2.5-VL way.
 
     src: local path, file:// URL, http(s) URL, data:image/...;base64 URI or a PIL image.
     Pixel limits default to the reference's 4 .. 16384 tokens (x 28*28 pixels). A remote image is
     fetched into memory, or into `cache_dir` (reused next time) when one is given.
+    on_downsize(label, (width, height), (new_width, new_height)) is called when max_pixels
+    shrinks the image (the engine prints its CPU-cap notice with it).
     """
     min_pixels, max_pixels = _image_pixel_limits(min_pixels, max_pixels)
     _check_timeout(timeout)
@@ -115,6 +115,8 @@ def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Opt
     image = _to_rgb(_open_image(src, label, cache_dir, timeout))
     width, height = image.size
     new_h, new_w = _smart_size(height, width, min_pixels, max_pixels, label)
+    if on_downsize is not None and width * height > max_pixels:
+        on_downsize(label, (width, height), (new_w, new_h))
     # PIL bicubic is what the reference's fetch_image uses (Image.resize's default filter).
     return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
@@ -161,33 +163,6 @@ def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
     return Video(frames=frames, sample_fps=len(indices) / max(total, 1e-6) * video_fps,
                  source_fps=video_fps, total_frames=total, frame_indices=list(indices),
                  duration_s=total / video_fps, timings=timings, backend=used)
-
-
-def guess_media_type(src: Any) -> Optional[str]:
-    """Return "image", "video" or None from a PIL image, a list (frames), a data URI's MIME type,
-    a file extension or a local folder (frames: a video). Nothing is opened or fetched."""
-    if isinstance(src, Image.Image):
-        return "image"
-    if isinstance(src, (list, tuple)):
-        return "video" if src else None
-    if not isinstance(src, (str, os.PathLike)):
-        return None
-    text = os.fspath(src)
-    if isinstance(src, str) and text.startswith("data:"):
-        mime = text[5:].split(",", 1)[0].split(";", 1)[0].lower()
-        return {"image": "image", "video": "video"}.get(mime.split("/", 1)[0])
-    scheme = _url_scheme(text) if isinstance(src, str) else None
-    path = urlparse(text).path if scheme in ("http", "https") else text
-    if scheme == "file":
-        path = _file_url_path(text)
-    ext = os.path.splitext(path)[1].lower()
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in VIDEO_EXTS:
-        return "video"
-    if scheme in (None, "file") and os.path.isdir(os.path.expanduser(path)):
-        return "video"
-    return None
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -358,21 +333,6 @@ def _describe(src: Any) -> str:
     if isinstance(text, str) and text.startswith("data:") and len(text) > 60:
         return f"{text[:40]}...({len(text)} chars)"
     return str(text)
-
-
-def _url_scheme(text: str) -> Optional[str]:
-    match = _URL_RE.match(text)
-    return match.group(1).lower() if match else None
-
-
-def _file_url_path(url: str) -> str:
-    """file:///abs/path -> /abs/path. The reference simply drops "file://", so the literal rest
-    wins when it exists; otherwise percent-escapes are decoded."""
-    raw = url[len("file://"):]
-    if raw.startswith("localhost/"):
-        raw = raw[len("localhost"):]
-    decoded = url2pathname(raw)
-    return raw if os.path.exists(raw) or not os.path.exists(decoded) else decoded
 
 
 def _source_kind(src: Any, what: str) -> tuple:

@@ -1,0 +1,161 @@
+"""Big and bad inputs (issue 11): no crash, no hang, no stale cache, no silent truncation, and
+the message names the real fix. CLI subprocesses for what users run, the API for the details."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer_qwen2_5_vl_psa.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def error_lines(stderr: str) -> list:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+
+
+# ----------------------------------------------------------------------------- 1. big images on the CPU
+
+
+def test_chunked_vision_attention_equals_eager():
+    import paddle
+    from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS
+
+    from qwen_vl_psa.vision_attention import chunked_attention
+
+    class Module(paddle.nn.Layer):
+        num_key_value_groups = 1
+
+    rng = np.random.default_rng(0)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((1, 4, 300, 16)).astype("float32")) for _ in range(3))
+    module = Module()
+    module.eval()
+    want = ALL_ATTENTION_FUNCTIONS["eager"](module, q, k, v, scaling=0.25)[0]
+    got, _ = chunked_attention(module, q, k, v, scaling=0.25, max_elements=4 * 300 * 7)  # 7 rows a block
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_vision_encoder_equals_eager(model, make_image, tmp_path, monkeypatch):
+    """The whole vision encoder with tiny blocks of rows gives the eager encoder's embeddings."""
+    from qwen_vl_psa import vision_attention
+
+    media = model.load_images([make_image(tmp_path / "a.png", 300, 200)])
+    prompt = model.prompts.prepare(model.prompts.chat_text(media.with_question("hi")), media.processor_kwargs)
+    model.prompts.encode_media(prompt)
+    chunked = prompt.embeds.numpy()
+    visual = model.model.visual if hasattr(model.model, "visual") else model.model.model.visual
+    cfg = visual.blocks[0].attn.config
+    assert cfg._attn_implementation == vision_attention.CHUNKED
+    monkeypatch.setattr(vision_attention, "MAX_SCORE_ELEMENTS", 1000)  # force many blocks
+    small = model.prompts.prepare(model.prompts.chat_text(media.with_question("hi")), media.processor_kwargs)
+    model.prompts.encode_media(small)
+    monkeypatch.setattr(cfg, "_attn_implementation", "eager")
+    eager = model.prompts.prepare(model.prompts.chat_text(media.with_question("hi")), media.processor_kwargs)
+    model.prompts.encode_media(eager)
+    np.testing.assert_allclose(small.embeds.numpy(), eager.embeds.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(chunked, eager.embeds.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_phone_photo_answers_on_the_cpu_within_2gb(tiny_model_dir, tmp_path):
+    """A 12-megapixel photo: one notice line naming --max-pixels, an answer, < 2 GB peak RSS."""
+    import resource
+
+    y, x = np.mgrid[0:3024, 0:4032]
+    pixels = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    photo = tmp_path / "IMG_0001.jpg"
+    Image.fromarray(pixels).save(photo, quality=85)
+    del pixels, x, y
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = run_cli("--model", tiny_model_dir, "--input", photo, "--max-tokens", "3", "--cache-dir", tmp_path,
+                "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    notices = stats["notices"]  # --json: in the stats; otherwise one "notice:" line on stderr
+    assert len(notices) == 1 and "--max-pixels" in notices[0] and "4032x3024" in notices[0], r.stderr
+    assert stats["input_tokens"]["image"] <= 1280
+    assert stats["peak_memory_mb"] < 2048
+    child_peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert max(child_peak_kb, before) < 2 * 1024 * 1024
+
+
+def test_too_big_for_memory_is_refused_before_allocating(model, make_image, tmp_path, monkeypatch):
+    from qwen_vl_psa import cpu_limits
+    from qwen_vl_psa.errors import InputError
+
+    monkeypatch.setattr(cpu_limits, "available_bytes", lambda: 1 << 20)  # 1 MB free
+    monkeypatch.setattr(model.prompts, "prepare", lambda *a, **k: pytest.fail("the processor ran"))
+    with pytest.raises(InputError) as e:
+        model.inference_image(make_image(tmp_path / "big.png", 1200, 900), "hi", max_pixels=1200 * 900)
+    assert "--max-pixels" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cpu_peak_memory_is_per_call(model, make_image, tmp_path):
+    model.inference_image(make_image(tmp_path / "big.png", 1400, 1000), "hi", max_tokens=2)
+    big = model.stats["peak_memory_mb"]
+    model.inference_image(make_image(tmp_path / "small.png", 60, 60), "hi", max_tokens=2)
+    assert model.stats["peak_memory_mb"] < big - 20
+
+
+# ----------------------------------------------------------------------------- 4. checked before the model stack
+
+_FAST = """
+import sys, time
+t = time.perf_counter()
+from qwen_vl_psa.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("paddle", "paddleformers", "requests", "numpy") if m in sys.modules)
+print("RESULT", rc, round(time.perf_counter() - t, 2), heavy)
+"""
+
+
+def run_fast(*args):
+    r = subprocess.run([sys.executable, "-c", _FAST, *map(str, args)], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    rc, seconds, heavy = r.stdout.split("RESULT ", 1)[1].split(" ", 2)
+    return int(rc), float(seconds), heavy.strip(), r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, words", [
+    (["--input", "photo_typo.jpg"], ["not found", "photo_typo.jpg"]),
+    (["--input", "http:///nohost.jpg"], ["malformed URL"]),
+    (["--input", "gopher://x/a.jpg"], ["unsupported URL scheme"]),
+    (["--type", "image", "--input", "tests"], ["folder", "--type video"]),
+    (["--model", "./no_such_model", "--input", "README.md", "--type", "image"], ["--model", "no_such_model"]),
+    (["--input", "README.md", "--type", "image", "--max-pixels", "100"], ["--max-pixels"]),
+    (["--input", "README.md", "--type", "image", "--min-pixels", "5000", "--max-pixels", "1000"], ["--min-pixels"]),
+    (["--input", "README.md", "--type", "video", "--max-frames", "1"], ["--max-frames"]),
+    (["--input", "README.md", "--type", "image", "--prompts-file", "missing.txt"], ["--prompts-file"]),
+    (["--batch", "missing.jsonl", "--output", "out.jsonl"], ["--batch", "not found"]),
+])
+def test_bad_arguments_fail_fast_without_the_model_stack(args, words):
+    rc, seconds, heavy, stderr = run_fast(*args)
+    lines = error_lines(stderr)
+    assert rc == 2 and len(lines) == 1, stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "paddle" not in heavy and "paddleformers" not in heavy, heavy
+    assert seconds < 2.0
+
+
+# ----------------------------------------------------------------------------- 8. an empty --prompts-file
+
+
+@pytest.mark.slow
+def test_empty_prompts_file_is_an_error(tmp_path, sample_image_path):
+    empty = tmp_path / "questions.txt"
+    empty.write_text("\n   \n\n")
+    rc, _, heavy, stderr = run_fast("--input", sample_image_path, "--prompts-file", empty)
+    assert rc == 2 and "has no questions" in error_lines(stderr)[0], stderr
+    assert "paddle" not in heavy

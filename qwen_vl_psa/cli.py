@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-frames", type=int, default=None, help="cap on sampled video frames")
     ap.add_argument("--max-pixels", type=int, default=None, help="largest frame/image area in pixels after resize")
     ap.add_argument("--min-pixels", type=int, default=None, help="smallest frame/image area in pixels after resize")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds allowed for each media download in total (default 300); a server must also "
+                         "answer within 30 s and send at least 1 KB/s")
     g = ap.add_argument_group("generation")
     g.add_argument("--temperature", type=float, default=_GEN.temperature, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=_GEN.top_p)
@@ -141,7 +144,7 @@ def run_cli(args) -> int:
 
     model = QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_cfg,
                             cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,
-                            max_pixels=args.max_pixels, verbose=not args.json)
+                            max_pixels=args.max_pixels, verbose=not args.json, timeout=args.timeout)
     stream = not args.no_stream and not args.json
     gen["stream"] = stream
     if len(prompts) > 1:

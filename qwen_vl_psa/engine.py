@@ -66,8 +66,10 @@ class QwenVLInference:
 
     def __init__(self, model_name: str = DEFAULT_MODEL, dtype: str = "bfloat16", use_psa: bool = False,
                  psa_config=None, cache_dir: str = "./model_cache", hub: str = "huggingface",
-                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, verbose: bool = True):
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, verbose: bool = True,
+                 timeout: Optional[float] = None):
         self.verbose = verbose
+        self.timeout = timeout  # seconds for one media download (fetch.DEFAULT_TIMEOUT when None)
         self.cache_dir = cache_dir
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         quiet_libraries(verbose)
@@ -114,35 +116,38 @@ class QwenVLInference:
         return self.inference_multi_image([image], prompt, **kw)
 
     def inference_multi_image(self, images: Sequence, prompt: str, *, min_pixels=None, max_pixels=None,
-                              **kw) -> str:
-        return self.ask(self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels), prompt, **kw)
+                              timeout=None, **kw) -> str:
+        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels, timeout=timeout)
+        return self.ask(media, prompt, **kw)
 
     def inference_video(self, video, prompt: str, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
-                        max_frames=None, **kw) -> str:
+                        max_frames=None, timeout=None, **kw) -> str:
         """video: file path, http(s) URL, a folder of frame images, or a media.Video already loaded
         (by media.load_video, e.g. in a prefetch thread; then fps and the pixel limits are its own)."""
-        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames)
+        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                                timeout=timeout)
         return self.ask(media, prompt, **kw)
 
     # -- several questions about the same media: the media prefix is prefilled once
     def open_video(self, video, fps: float = DEFAULT_FPS, *, conversation: bool = False, min_pixels=None,
-                   max_pixels=None, max_frames=None) -> MediaSession:
+                   max_pixels=None, max_frames=None, timeout=None) -> MediaSession:
         """A session over one video: `s.ask(question)` any number of times; see session.py.
 
         The video is loaded now; its vision encoding and prefill happen once, at the first question,
         and every question reuses them. conversation=True: each question sees the earlier turns.
         """
-        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames)
+        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                                timeout=timeout)
         return MediaSession(self, media, conversation=conversation)
 
     def open_images(self, images: Sequence, *, conversation: bool = False, min_pixels=None,
-                    max_pixels=None) -> MediaSession:
+                    max_pixels=None, timeout=None) -> MediaSession:
         """A session over one or more images, as open_video."""
-        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels)
+        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels, timeout=timeout)
         return MediaSession(self, media, conversation=conversation)
 
     # -- the public steps
-    def load_images(self, images: Sequence, *, min_pixels=None, max_pixels=None) -> MediaInput:
+    def load_images(self, images: Sequence, *, min_pixels=None, max_pixels=None, timeout=None) -> MediaInput:
         """Fetch, decode and resize images (the engine's pixel limits unless given)."""
         if not images:
             raise InputError("no images given: pass at least one path, URL or PIL image")
@@ -152,7 +157,7 @@ class QwenVLInference:
             on_downsize = lambda *a: notices.append(self._notice(cpu_limits.cap_notice(*a)))  # noqa: E731
         with Timer() as t:
             pil = [load_image(im, min_pixels=min_pixels or self.min_pixels, max_pixels=cap,
-                              cache_dir=self.media_cache, on_downsize=on_downsize)
+                              cache_dir=self.media_cache, on_downsize=on_downsize, **self._timeout(timeout))
                    for im in images]
         self.check_fits(sum((im.width // 14) * (im.height // 14) for im in pil), "the image(s)")
         media = MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
@@ -161,11 +166,11 @@ class QwenVLInference:
         return media
 
     def load_video(self, video, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
-                   max_frames=None) -> MediaInput:
+                   max_frames=None, timeout=None) -> MediaInput:
         """Fetch, decode, sample and resize a video (a media.Video is taken as it is)."""
         v = video if isinstance(video, Video) else load_video(
             video, fps=fps, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels,
-            max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose)
+            max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose, **self._timeout(timeout))
         t, h, w = v.frames.shape[:3]
         self.check_fits((t // 2) * (h // 14) * (w // 14), "the video")
         return MediaInput.video(v)
@@ -185,6 +190,11 @@ class QwenVLInference:
                          f"of memory on the CPU but {cpu_limits.gib(avail)} is available; lower --max-pixels "
                          f"(max_pixels=; e.g. {cpu_limits.CPU_IMAGE_MAX_PIXELS}, the CPU default), or --fps / "
                          f"--max-frames for a video")
+
+    def _timeout(self, timeout) -> dict:
+        """timeout= for media.load_*: the call's, else the engine's, else media's default."""
+        timeout = timeout if timeout is not None else self.timeout
+        return {} if timeout is None else {"timeout": timeout}
 
     def _notice(self, msg: str) -> str:
         """One line on stderr (when verbose) about a choice made for the user; returned for the stats."""

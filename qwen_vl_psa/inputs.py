@@ -172,5 +172,7 @@ def check_cli_args(args) -> None:
             what = "is a folder" if os.path.isdir(args.batch) else "not found"
             raise InputError(f"--batch {args.batch} {what}: give a JSONL or text file of inputs")
     check_model_arg(args.model)
+    if args.batch:
+        return  # corpus mode checks its own flags and items (a bad item fails alone)
     for src in args.input or []:
         check_source(src, args.type or guess_media_type(src))

@@ -65,7 +65,7 @@ from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
 from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
 from .inputs import file_url_path as _file_url_path
 from .inputs import url_scheme as _url_scheme
-from .fetch import cache_folder, cache_name, download, fetch_bytes, one_line, part_file
+from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file
 
 PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
 FACTOR = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28: one merged token covers a 28x28 pixel square
@@ -99,7 +99,7 @@ class Video:
 
 
 def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-               cache_dir: Optional[str] = None, timeout: float = 30,
+               cache_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
                on_downsize: Optional[Callable[[str, tuple, tuple], None]] = None) -> Image.Image:
     """Open an image and resize it the Qwen2.5-VL way.
 
@@ -124,7 +124,7 @@ def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Opt
 def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
                min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                total_pixels: Optional[float] = None, max_frames: Optional[int] = None,
-               cache_dir: Optional[str] = None, timeout: float = 30, progress: bool = True,
+               cache_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
                backend: str = "auto") -> Video:
     """Open a video, sample frames at `fps` and resize them the Qwen2.5-VL way.
 

@@ -159,3 +159,58 @@ def test_empty_prompts_file_is_an_error(tmp_path, sample_image_path):
     rc, _, heavy, stderr = run_fast("--input", sample_image_path, "--prompts-file", empty)
     assert rc == 2 and "has no questions" in error_lines(stderr)[0], stderr
     assert "paddle" not in heavy
+
+
+# ----------------------------------------------------------------------------- 2. slow servers
+
+
+@pytest.mark.slow
+def test_drip_server_ends_at_the_timeout_with_one_line(tiny_model_dir, sample_image_path, http_server, tmp_path):
+    """One byte a second never trips a per-read timeout; --timeout is the whole download's."""
+    import time
+
+    (http_server.root / "pic.png").write_bytes(sample_image_path.read_bytes())
+    t0 = time.perf_counter()
+    r = run_cli("--model", tiny_model_dir, "--input", http_server.url_for("__drip__/pic.png"), "--timeout", "3",
+                "--cache-dir", tmp_path, "--max-tokens", "2", timeout=120)
+    elapsed = time.perf_counter() - t0
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "not complete after 3 s" in lines[0] and "--timeout" in lines[0]
+    assert elapsed < 60
+    assert list((tmp_path / "media").glob("*")) == []  # nothing partial left in the cache
+
+
+def test_download_below_the_minimum_rate_fails(http_server, sample_image_path, tmp_path, monkeypatch):
+    import time
+
+    from qwen_vl_psa import fetch, media
+    from qwen_vl_psa.errors import MediaError
+
+    monkeypatch.setattr(fetch, "RATE_WINDOW_S", 1.0)
+    (http_server.root / "pic.png").write_bytes(sample_image_path.read_bytes())
+    http_server.drip_s = 0.2
+    t0 = time.perf_counter()
+    with pytest.raises(MediaError, match="bytes/s") as e:
+        media.load_image(http_server.url_for("__drip__/pic.png"), timeout=600, cache_dir=tmp_path / "c")
+    assert time.perf_counter() - t0 < 5 and "\n" not in str(e.value)
+    assert list((tmp_path / "c").glob("*")) == []
+
+
+def test_corpus_stalled_item_fails_alone_and_blocks_nothing(model, sample_image_path, http_server, tmp_path):
+    from qwen_vl_psa import corpus
+    from qwen_vl_psa.cli import build_parser
+
+    (http_server.root / "pic.png").write_bytes(sample_image_path.read_bytes())
+    rows = [{"input": http_server.url_for("__drip__/pic.png"), "id": "stalled", "timeout": 3},
+            {"input": str(sample_image_path), "id": "a"}, {"input": str(sample_image_path), "id": "b"}]
+    batch = tmp_path / "in.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    args = build_parser().parse_args(["--batch", str(batch), "--output", str(out), "--max-tokens", "2",
+                                      "--cache-dir", str(tmp_path / "c"), "--prefetch", "2"])
+    assert corpus.run_batch(args, model=model) == 0
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "not complete after 3 s" in got["stalled"]["error"] and "--timeout" in got["stalled"]["error"]
+    for key in ("a", "b"):  # answered while the stalled download was still running
+        assert got[key]["answer"] is not None and got[key]["stats"]["prefetch"]["wait_s"] < 1.5

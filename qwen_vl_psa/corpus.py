@@ -46,6 +46,7 @@ from tqdm import tqdm
 from . import cpu_limits
 from .engine import QwenVLInference
 from .errors import InputError, QwenVLError
+from .fetch import user_mode
 from .media import guess_media_type, load_image, load_video
 from .options import GenerationOptions, check_fps, default_prompt, psa_config_from_args
 
@@ -355,6 +356,7 @@ def merge_results(items: List[Item], output: str, complete_only: bool = False) -
             # a concurrent complete merge removed parts we read: its OUTPUT is the one to keep
             os.unlink(tmp)
             return merge_results(items, output, complete_only)
+        os.chmod(tmp, user_mode())  # mkstemp makes 0600: the results get the user's umask
         os.replace(tmp, output)
     except BaseException:
         try:

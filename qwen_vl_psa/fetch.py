@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import requests
@@ -38,6 +38,7 @@ STALL_S = 30.0  # to connect, and most seconds without a byte
 RATE_WINDOW_S = 30.0  # the minimum rate is measured over this many seconds
 MIN_RATE = 1024  # bytes per second
 READ_SIZE = 1 << 16
+STALE_PART_S = 600  # a .part file untouched this long was left by a killed run (live ones grow every 30 s)
 
 
 def one_line(exc: BaseException) -> str:
@@ -173,6 +174,37 @@ def cache_folder(cache_dir: Optional[str]) -> Path:
     return folder
 
 
+def user_mode() -> int:
+    """The mode a new file gets under the user's umask (0o666 & ~umask), read without changing
+    the umask (os.umask is process-wide and racy with threads): /proc/self/status on Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def publish(part: str, target: Path) -> None:
+    """Rename a finished temporary file into place with the user's umask (mkstemp makes 0600)."""
+    with contextlib.suppress(OSError):
+        os.chmod(part, user_mode())
+    os.replace(part, target)
+
+
+def clean_stale_parts(folder: Path) -> None:
+    """Remove .part files that killed runs left behind (untouched for STALE_PART_S)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".part"):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > STALE_PART_S:
+                        os.unlink(entry.path)
+
+
 def part_file(folder: Path, target: Path) -> tuple:
     """A unique temporary file next to `target`: concurrent downloads never share one."""
     try:
@@ -182,20 +214,40 @@ def part_file(folder: Path, target: Path) -> tuple:
                          f"writable folder") from None
 
 
-def download(url: str, cache_dir: Optional[str], timeout: float, progress: bool) -> Path:
+def download(url: str, cache_dir: Optional[str], timeout: float, progress: bool,
+             check: Optional[Callable[[Path], Optional[str]]] = None, what: str = "media") -> Path:
     """Fetch `url` into the cache once. The body goes to a unique .part file that is renamed
-    only when complete, so a failed or concurrent download never leaves a truncated cache file."""
+    only when complete, so a failed or concurrent download never leaves a truncated cache file.
+
+    check(path) -> None when the file decodes as the expected media, else the reason: a body
+    that fails it (an HTML error page at a .jpg URL) is never cached, and a cached file that
+    fails it (written by an older version, or damaged) is dropped and fetched once more."""
     folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
     target = folder / cache_name(url, os.path.splitext(urlparse(url).path)[1])
     if target.is_file():
-        return target
-    handle, part = part_file(cache_folder(cache_dir), target)
+        if check is None or check(target) is None:
+            return target
+        with contextlib.suppress(OSError):
+            target.unlink()  # a cached file that no longer decodes: fetch it again
+    folder = cache_folder(cache_dir)
+    clean_stale_parts(folder)
+    handle, part = part_file(folder, target)
     try:
         with os.fdopen(handle, "wb") as out, _http_errors(url, timeout), \
                 _http_get(url, timeout) as response:
             received = _read_body(response, url, timeout, out.write, progress)
             _check_complete(response, received, url)
-        os.replace(part, target)
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip() or "no Content-Type"
+        problem = check(Path(part)) if check is not None else None
+        if problem is not None:
+            problem = problem.replace(f": '{part}'", "").replace(str(part), "the download")
+            with open(part, "rb") as f:
+                head = f.read(1024).lstrip().lower()
+            sent = (f"an HTML page ({received} bytes, {content_type})" if head.startswith((b"<!doctype", b"<html"))
+                    or b"<html" in head else f"{received} bytes of {content_type}")
+            raise MediaError(f"cannot use {url}: the server sent {sent} that do not decode as {what} "
+                             f"({problem}); check the URL (nothing was cached)")
+        publish(part, target)
     except BaseException:  # also Ctrl-C: never keep a partial file
         with contextlib.suppress(OSError):
             os.unlink(part)

@@ -65,7 +65,7 @@ from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
 from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
 from .inputs import file_url_path as _file_url_path
 from .inputs import url_scheme as _url_scheme
-from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file
+from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file, publish
 
 PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
 FACTOR = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28: one merged token covers a 28x28 pixel square
@@ -386,7 +386,7 @@ def _open_image(src: Any, label: str, cache_dir: Optional[str], timeout: float) 
         return _decode_image(io.BytesIO(_data_uri_bytes(value, label)), label)
     if kind == "http":
         if cache_dir is not None:
-            path = download(value, cache_dir, timeout, progress=False)
+            path = download(value, cache_dir, timeout, progress=False, check=_image_problem, what="an image")
             return _decode_image(path, f"{value} (cached as {path})")
         return _decode_image(io.BytesIO(fetch_bytes(value, timeout)), label)
     path = _existing_path(value, "image file")
@@ -409,6 +409,40 @@ def _decode_image(source: Any, label: str) -> Image.Image:
     except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, ...)
         raise MediaError(f"cannot decode image {label}: {one_line(exc)}; "
                          f"is it a valid image file?") from None
+
+
+def _image_problem(path: Path) -> Optional[str]:
+    """None when `path` opens as an image (header and structure: PIL's verify), else why not."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return None
+    except UnidentifiedImageError:
+        return "not an image format PIL knows"
+    except Exception as exc:  # truncated, corrupt: PIL raises many types
+        return one_line(exc)
+
+
+def _video_problem(path: Path) -> Optional[str]:
+    """None when `path` opens as a video with a video stream (PyAV, else decord), else why not."""
+    try:
+        import av
+    except ImportError:
+        try:
+            import decord
+            decord.VideoReader(str(path))
+            return None
+        except ImportError:
+            return None  # nothing to check with: the decode step reports problems
+        except Exception as exc:
+            return one_line(exc)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream"
+        return None
+    except Exception as exc:  # av.FFmpegError and friends
+        return one_line(exc)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -434,7 +468,7 @@ def _video_file(src: Any, cache_dir: Optional[str], timeout: float, progress: bo
         raise InputError(f"{label} is a single image, not a video; use load_image, or pass a "
                          f"list of images / a folder of frames")
     if kind == "http":
-        path = download(value, cache_dir, timeout, progress)
+        path = download(value, cache_dir, timeout, progress, check=_video_problem, what="a video")
         return path, f"{value} (cached as {path})"
     if kind == "data":
         return _data_uri_file(value, label, cache_dir), label
@@ -453,7 +487,7 @@ def _data_uri_file(uri: str, label: str, cache_dir: Optional[str]) -> Path:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
-            os.replace(part, target)
+            publish(part, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(part)

@@ -214,3 +214,85 @@ def test_corpus_stalled_item_fails_alone_and_blocks_nothing(model, sample_image_
     assert "not complete after 3 s" in got["stalled"]["error"] and "--timeout" in got["stalled"]["error"]
     for key in ("a", "b"):  # answered while the stalled download was still running
         assert got[key]["answer"] is not None and got[key]["stats"]["prefetch"]["wait_s"] < 1.5
+
+
+# ----------------------------------------------------------------------------- 3. nothing bad is cached
+
+HTML = b"<!DOCTYPE html><html><body>Sign in to view this photo</body></html>\n"
+
+
+@pytest.mark.slow
+def test_html_at_a_jpg_url_is_not_cached(tiny_model_dir, sample_jpeg_path, http_server, tmp_path):
+    (http_server.root / "pic.jpg").write_bytes(HTML)
+    url = http_server.url_for("pic.jpg")
+    r = run_cli("--model", tiny_model_dir, "--input", url, "--cache-dir", tmp_path, "--max-tokens", "2")
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "HTML page" in lines[0] and "nothing was cached" in lines[0]
+    assert list((tmp_path / "media").glob("*")) == []
+    (http_server.root / "pic.jpg").write_bytes(sample_jpeg_path.read_bytes())  # the server is fixed
+    r = run_cli("--model", tiny_model_dir, "--input", url, "--cache-dir", tmp_path, "--max-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert http_server.count("pic.jpg") == 2
+
+
+def test_html_at_an_mp4_url_is_not_cached(sample_video_path, http_server, tmp_path):
+    from qwen_vl_psa import media
+    from qwen_vl_psa.errors import MediaError
+
+    (http_server.root / "clip.mp4").write_bytes(HTML)
+    url = http_server.url_for("clip.mp4")
+    with pytest.raises(MediaError, match="HTML page.*a video"):
+        media.load_video(url, cache_dir=tmp_path / "c", progress=False)
+    assert list((tmp_path / "c").glob("*")) == []
+    (http_server.root / "clip.mp4").write_bytes(sample_video_path.read_bytes())
+    assert media.load_video(url, cache_dir=tmp_path / "c", progress=False).frames.shape[0] > 0
+
+
+def test_cached_file_that_no_longer_decodes_is_fetched_again(sample_jpeg_path, http_server, tmp_path):
+    from qwen_vl_psa import media
+
+    (http_server.root / "pic.jpg").write_bytes(sample_jpeg_path.read_bytes())
+    url = http_server.url_for("pic.jpg")
+    media.load_image(url, cache_dir=tmp_path / "c")
+    [cached] = list((tmp_path / "c").glob("*.jpg"))
+    cached.write_bytes(HTML)  # e.g. written by an older version that cached error pages
+    assert media.load_image(url, cache_dir=tmp_path / "c").size[0] > 0
+    assert http_server.count("pic.jpg") == 2 and cached.read_bytes() == sample_jpeg_path.read_bytes()
+
+
+def test_stale_part_files_are_cleaned_and_cache_files_follow_the_umask(sample_jpeg_path, http_server, tmp_path):
+    from qwen_vl_psa import media
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    old, fresh = cache / "abc.jpg.x1.part", cache / "abc.jpg.x2.part"
+    old.write_bytes(b"left by a killed run")
+    fresh.write_bytes(b"another process is downloading")
+    os.utime(old, (1e9, 1e9))
+    (http_server.root / "pic.jpg").write_bytes(sample_jpeg_path.read_bytes())
+    previous = os.umask(0o022)
+    try:
+        media.load_image(http_server.url_for("pic.jpg"), cache_dir=cache)
+    finally:
+        os.umask(previous)
+    assert not old.exists() and fresh.exists()
+    [cached] = list(cache.glob("*.jpg"))
+    assert cached.stat().st_mode & 0o777 == 0o644
+
+
+def test_merged_results_follow_the_umask(model, sample_image_path, tmp_path):
+    from qwen_vl_psa import corpus
+    from qwen_vl_psa.cli import build_parser
+
+    batch = tmp_path / "in.txt"
+    batch.write_text(f"{sample_image_path}\n")
+    out = tmp_path / "out.jsonl"
+    args = build_parser().parse_args(["--batch", str(batch), "--output", str(out), "--max-tokens", "2",
+                                      "--cache-dir", str(tmp_path / "c")])
+    previous = os.umask(0o022)
+    try:
+        assert corpus.run_batch(args, model=model) == 0
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o644

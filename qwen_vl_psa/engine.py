@@ -159,6 +159,7 @@ class QwenVLInference:
             pil = [load_image(im, min_pixels=min_pixels or self.min_pixels, max_pixels=cap,
                               cache_dir=self.media_cache, on_downsize=on_downsize, **self._timeout(timeout))
                    for im in images]
+        notices += [self._notice(n) for im in pil for n in im.info.get("notices", ())]
         self.check_fits(sum((im.width // 14) * (im.height // 14) for im in pil), "the image(s)")
         media = MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
         if notices:
@@ -173,7 +174,12 @@ class QwenVLInference:
             max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose, **self._timeout(timeout))
         t, h, w = v.frames.shape[:3]
         self.check_fits((t // 2) * (h // 14) * (w // 14), "the video")
-        return MediaInput.video(v)
+        media = MediaInput.video(v)
+        if getattr(v, "container_duration_s", None) is not None:
+            media.info["container_duration_s"] = float(v.container_duration_s)  # vs video_duration_s: decoded
+        if getattr(v, "notices", None):
+            media.info["notices"] = [self._notice(n) for n in v.notices]
+        return media
 
     def check_fits(self, patches: int, what: str, text_tokens: int = 256) -> None:
         """On the CPU: one InputError naming --max-pixels when the call's estimated working memory

@@ -19,6 +19,11 @@ Where this module deliberately differs from paddleformers' vision_process:
   the tensor: at most a couple of 8-bit levels apart (tested). Images use PIL bicubic, as there.
 - A max_pixels below the default min_pixels drops that default to one patch instead of failing.
 - Transparency is composited over white for every mode with alpha (the reference: RGBA only).
+- EXIF orientation is applied (the reference ignores it: portrait phone photos went in
+  sideways); 16-bit and float images are scaled to 8 bits (PIL's convert clipped them to white);
+  an animated image uses its first frame, with a notice (info["notices"]).
+- A video whose container claims clearly more time than decodes (a truncated download) gets a
+  notice with both durations (Video.notices, container_duration_s).
 - Frame folders / lists longer than max_frames (default 768) are sampled down (linspace rule);
   the reference takes every frame. Each frame goes through the image rule with factor 28, as in
   qwen-vl-utils; paddleformers' fetch_video passes 28 as the patch size there (factor 56), a
@@ -59,7 +64,7 @@ from paddleformers.transformers.qwen2_vl.vision_process import (
     smart_nframes,
     smart_resize,
 )
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
 from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
@@ -93,6 +98,8 @@ class Video:
     duration_s: float  # source length in seconds
     timings: dict = field(default_factory=dict)  # fetch_s, decode_s, resize_s
     backend: str = ""  # "decord", "pyav" or "frames"
+    container_duration_s: Optional[float] = None  # what the file's header claims (None: unknown)
+    notices: list = field(default_factory=list)  # what the user should know (a truncated file)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -107,18 +114,29 @@ def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Opt
     Pixel limits default to the reference's 4 .. 16384 tokens (x 28*28 pixels). A remote image is
     fetched into memory, or into `cache_dir` (reused next time) when one is given.
     on_downsize(label, (width, height), (new_width, new_height)) is called when max_pixels
-    shrinks the image (the engine prints its CPU-cap notice with it).
+    shrinks the image (the engine prints its CPU-cap notice with it). The result's
+    info["notices"] lists what the user should know (only the first frame of an animated GIF /
+    WebP / APNG is used); the engine prints them and puts them in the stats.
     """
     min_pixels, max_pixels = _image_pixel_limits(min_pixels, max_pixels)
     _check_timeout(timeout)
     label = _describe(src)
-    image = _to_rgb(_open_image(src, label, cache_dir, timeout))
+    opened = _open_image(src, label, cache_dir, timeout)
+    frames = opened.info.get("frames_in_file", 1)
+    notices = list(opened.info.get("notices", ())) if isinstance(src, Image.Image) else []
+    if frames > 1 and not isinstance(src, Image.Image):
+        notices.append(f"{label} is animated ({frames} frames); only the first frame is used (for all of "
+                       f"them, save the frames to a folder and pass it with --type video)")
+    image = _to_rgb(opened)
     width, height = image.size
     new_h, new_w = _smart_size(height, width, min_pixels, max_pixels, label)
     if on_downsize is not None and width * height > max_pixels:
         on_downsize(label, (width, height), (new_w, new_h))
     # PIL bicubic is what the reference's fetch_image uses (Image.resize's default filter).
-    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    out = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    out.info["frames_in_file"] = frames
+    out.info["notices"] = notices  # what the user should know; the engine prints them
+    return out
 
 
 def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
@@ -160,9 +178,15 @@ def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
     frames, total, video_fps, indices, used = _decode_video(path, label, choose, backend)
     timings["decode_s"] = time.perf_counter() - start
     frames, timings["resize_s"] = _resize_video(frames, min_pixels, max_pixels, total_pixels, label)
+    decoded_s, claimed_s = total / video_fps, _container_duration(path)
+    notices = []
+    if claimed_s is not None and claimed_s - decoded_s > max(0.5, 0.1 * claimed_s):
+        notices.append(f"video {label}: only {decoded_s:.1f} s of its {claimed_s:.1f} s could be decoded (the "
+                       f"file looks truncated); the answer covers that part only: download or copy it again")
     return Video(frames=frames, sample_fps=len(indices) / max(total, 1e-6) * video_fps,
                  source_fps=video_fps, total_frames=total, frame_indices=list(indices),
-                 duration_s=total / video_fps, timings=timings, backend=used)
+                 duration_s=decoded_s, timings=timings, backend=used, container_duration_s=claimed_s,
+                 notices=notices)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -399,8 +423,14 @@ def _open_image(src: Any, label: str, cache_dir: Optional[str], timeout: float) 
 def _decode_image(source: Any, label: str) -> Image.Image:
     try:
         with Image.open(source) as image:
+            frames = getattr(image, "n_frames", 1)
             image.load()  # decode now, so a truncated file fails here and not later
-            return image
+            if frames > 1:
+                image.info["frames_in_file"] = frames  # read by load_image for its notice
+            oriented = ImageOps.exif_transpose(image)  # a portrait phone photo stays upright
+            if oriented is not image:
+                oriented.info.setdefault("frames_in_file", frames)
+            return oriented
     except QwenVLError:
         raise
     except UnidentifiedImageError:  # its text names a BytesIO object: say it plainly
@@ -445,9 +475,35 @@ def _video_problem(path: Path) -> Optional[str]:
         return one_line(exc)
 
 
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images scaled to 8-bit grey. PIL's convert() clips them
+    at 255 (a 16-bit PNG came out almost all white): 16-bit types divide by 257; "I" and "F"
+    use the range of their type when the values fit it (0..65535, or 0..1), else their own."""
+    data = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = data / 257.0
+    else:
+        lo, hi = float(data.min()), float(data.max())
+        if image.mode == "F" and lo >= 0 and hi <= 1.0:
+            scaled = data * 255.0
+        elif lo >= 0 and hi <= 255 and image.mode == "I":  # 8-bit values held as integers
+            scaled = data
+        elif lo >= 0 and hi <= 65535:
+            scaled = data / 257.0
+        else:
+            scaled = (data - lo) / max(hi - lo, 1e-12) * 255.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited over white (the reference does it for RGBA only).
-    EXIF orientation is left alone, as in the reference pipeline."""
+    """RGB with any transparency composited over white (the reference does it for RGBA only);
+    16-bit and float images scaled to 8 bits. EXIF orientation was applied on decoding (the
+    reference pipeline ignores it, so portrait phone photos went in sideways)."""
+    if image.mode in _HIGH_DEPTH:
+        return _to_8bit(image).convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         return image.convert("RGB")
@@ -513,6 +569,22 @@ def _decode_video(path: Path, label: str, choose: Callable, backend: str) -> tup
             problems.append(f"{name}: {one_line(exc)}")
     raise MediaError(f"cannot decode video {label}: {'; '.join(problems)}; "
                      f"is it a valid video file?")
+
+
+def _container_duration(path: Path) -> Optional[float]:
+    """Seconds the container's header claims (PyAV: the format's, else the stream's), or None."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if container.duration:
+                return container.duration / av.time_base
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:  # no PyAV, or it cannot read what decord could: no claim to compare with
+        return None
+    return None
 
 
 def _read_decord(path: Path, choose: Callable) -> tuple:

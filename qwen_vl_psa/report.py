@@ -21,7 +21,9 @@ def format_stats(s: dict) -> str:
     ]
     if "frames" in s:
         lines.append(f"video           {s['frames']} frames of {s['frame_size'][0]}x{s['frame_size'][1]} "
-                     f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s")
+                     f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s"
+                     + (f" (the file claims {s['container_duration_s']:.1f} s)"
+                        if s.get("container_duration_s", 0) - s["video_duration_s"] > 0.5 else ""))
     if "reuse" in s:
         lines.append(format_reuse(s["reuse"]))
     if "psa" in s:

@@ -296,3 +296,78 @@ def test_merged_results_follow_the_umask(model, sample_image_path, tmp_path):
     finally:
         os.umask(previous)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- 6. images decoded right
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    from qwen_vl_psa import media
+
+    ramp = np.linspace(0, 65535, 80 * 100).reshape(80, 100).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth16.png")
+    assert Image.open(tmp_path / "depth16.png").mode.startswith("I")
+    got = np.asarray(media.load_image(tmp_path / "depth16.png", max_pixels=100 * 80))
+    assert abs(got.mean() - 127.5) < 3 and (got == 255).mean() < 0.05  # was 98% white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from qwen_vl_psa import media
+
+    stored = np.zeros((280, 560, 3), np.uint8)  # stored landscape, 560 wide
+    stored[:, :280] = 255  # left half white
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a portrait phone photo
+    image.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    got = media.load_image(tmp_path / "portrait.jpg")
+    assert got.size == (280, 560)  # upright: portrait
+    top = np.asarray(got)[:200].mean()
+    assert top > 200  # the stored left half is the displayed top after a 90 CW turn
+
+
+@pytest.mark.slow
+def test_animated_gif_says_only_the_first_frame_is_used(tiny_model_dir, tmp_path):
+    frames = [Image.fromarray(np.full((60, 80, 3), 60 * i, np.uint8)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    r = run_cli("--model", tiny_model_dir, "--input", tmp_path / "anim.gif", "--max-tokens", "2",
+                "--cache-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    notices = [ln for ln in r.stderr.splitlines() if ln.startswith("notice:")]
+    assert len(notices) == 1 and "3 frames" in notices[0] and "first frame" in notices[0], r.stderr
+
+
+# ----------------------------------------------------------------------------- 7. truncated videos
+
+
+def _faststart_video(path, seconds=10, fps=10):
+    """Header (moov) first, as phones and web servers write them: a cut file still opens."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = 112, 84, "yuv420p"
+        for _ in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (84, 112, 3), dtype=np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+@pytest.mark.slow
+def test_truncated_video_warns_with_both_durations(tiny_model_dir, tmp_path):
+    full = _faststart_video(tmp_path / "full.mp4")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    r = run_cli("--model", tiny_model_dir, "--input", cut, "--max-tokens", "2", "--json", "--cache-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["container_duration_s"] == pytest.approx(10, abs=0.2)
+    assert stats["video_duration_s"] < 5
+    [notice] = stats["notices"]
+    assert "10.0 s" in notice and "truncated" in notice
+    whole = run_cli("--model", tiny_model_dir, "--input", full, "--max-tokens", "2", "--json", "--cache-dir", tmp_path)
+    assert "notices" not in json.loads(whole.stdout)["stats"]

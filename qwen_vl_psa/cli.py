@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import warnings
 from typing import List
@@ -15,13 +17,20 @@ from .errors import InputError, QwenVLError
 from .inputs import check_cli_args, guess_media_type, read_prompts_file
 from .loading import DEFAULT_MODEL, HUBS
 from .options import DEFAULT_FPS, DEFAULT_MAX_TOKENS, GenerationOptions, check_fps, default_prompt, psa_config_from_args
-from .report import format_session_stats, format_stats
+from .report import format_session_stats, format_stats, terminal_safe
 
 _GEN = GenerationOptions()  # the defaults the help text shows
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one `error:` line (exit 2), not a usage block of twenty lines."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         description="Describe images and videos with Qwen2.5-VL on PaddlePaddle (PSA sparse prefill optional).",
         epilog="Try it without a download: python -m qwen_vl_psa.tiny_checkpoint tiny && "
                "python infer_qwen2_5_vl_psa.py --model tiny --type image --input photo.jpg")
@@ -111,7 +120,7 @@ def run_questions(model, args, kind, prompts, gen) -> int:
                 print(f"### question {i}/{len(prompts)}: {prompt}", flush=True)
             answer = session.ask(prompt, **gen)
             if not args.json:
-                print("" if gen["stream"] else answer, flush=True)
+                print("" if gen["stream"] else terminal_safe(answer), flush=True)
                 print(format_stats(model.stats), file=sys.stderr, flush=True)
         summary = session.stats
     if args.json:
@@ -157,7 +166,7 @@ def run_cli(args) -> int:
     if args.json:
         print(json.dumps({"answer": answer, "stats": model.stats}, ensure_ascii=False))
         return 0
-    print("" if stream else answer)
+    print("" if stream else terminal_safe(answer))
     model.print_stats(file=sys.stderr)
     return 0
 
@@ -166,6 +175,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
+        # The modelscope / aistudio downloaders log every retry (27 s of them without a network);
+        # their levels are reset when they load, so filter their records instead.
+        os.environ.setdefault("AISTUDIO_LOG", "critical")  # read at its import; a user's setting wins
+        for name in ("api", "download", "legacy_api", "openapi", "cache", "compat"):
+            logging.getLogger(f"modelscope_hub.{name}").addFilter(lambda r: r.levelno >= logging.ERROR)
     try:
         return run_cli(args)
     except QwenVLError as e:

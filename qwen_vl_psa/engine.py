@@ -43,7 +43,7 @@ from .media import Video, load_image, load_video
 from .options import DEFAULT_FPS, GenerationOptions, check_prompt
 from .prompt import MediaInput, Prompt, PromptBuilder
 from .psa_router import apply_psa, install_router
-from .report import format_stats
+from .report import format_stats, write_answer
 from .session import MediaSession
 
 Stream = Union[bool, Callable[[str], None]]
@@ -243,7 +243,7 @@ class QwenVLInference:
                t_start: float) -> Answer:
         """Prefill `embeds` (the tokens after those already in `cache`) at `positions()` -> (pos,
         rope_deltas), then decode until a stop token or max_tokens, streaming the text."""
-        callback = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream is True else (stream or None)
+        callback = write_answer if stream is True else (stream or None)
         text_stream = TextStream(self.tokenizer, callback)
         with Timer() as t_pre:
             pos, rope_deltas = positions()
@@ -264,7 +264,10 @@ class QwenVLInference:
             "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
             "vision_encoder_s": vis_s,
             "prefill_s": ans.prefill_s,
+            # from the call's start (processor, vision encoder, prefill), media already loaded ...
             "time_to_first_token_s": ans.ttft,
+            # ... and counting this call's media fetch / decode / resize too (0 for reused media)
+            "time_to_first_token_with_media_s": ans.ttft + sum(pre.values()),
             "decode_s": decode_s,
             # the first output token comes from the prefill; decoding makes the rest
             "decode_tokens_per_s": (max(n_out - 1, 0) / decode_s) if decode_s > 0 and n_out > 1 else None,

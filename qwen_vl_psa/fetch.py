@@ -58,6 +58,11 @@ def _http_errors(url: str, timeout: float) -> Iterator[None]:
     try:
         yield
     except requests.exceptions.SSLError as exc:
+        text = str(exc).lower()
+        if any(k in text for k in ("wrong_version_number", "wrong version number", "record layer failure",
+                                   "packet length too long", "http_request", "unexpected eof")):
+            raise MediaError(f"cannot fetch {url}: the server does not speak TLS on that port (an https:// URL "
+                             f"to a plain-http server?); try http:// or check the port") from None
         raise MediaError(f"cannot fetch {url}: TLS certificate check failed ({one_line(exc)}); "
                          f"set REQUESTS_CA_BUNDLE to a CA bundle that trusts the server") from None
     except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError):

@@ -158,6 +158,26 @@ def check_model_arg(model: str) -> None:
                              f"check the path")
 
 
+_OFFLINE = ("name or service not known", "temporary failure in name resolution", "failed to resolve",
+            "nodename nor servname", "network is unreachable", "connection refused", "connecterror",
+            "max retries exceeded", "offline", "timed out", "no route to host", "connection reset")
+
+
+def hub_download_message(model: str, hub: str, exc: BaseException) -> str:
+    """One line for a failed hub download: "no network" said plainly, otherwise the library's
+    first sentence (its messages run over several lines and were cut mid-sentence)."""
+    text = " ".join(str(exc).split())
+    reason = re.search(r"\[Errno -?\d+\] [A-Z]?[a-z]+(?: [a-z]+)*", text)
+    if any(k in text.lower() for k in _OFFLINE) or type(exc).__name__ in ("LocalEntryNotFoundError",
+                                                                           "OfflineModeIsEnabled"):
+        why = f" ({reason.group(0).strip().rstrip('.')})" if reason else ""
+        return (f"cannot download {model!r} from {hub}: the hub cannot be reached{why} and the model is not in "
+                f"the cache; check your network (or HTTPS_PROXY), or pass a downloaded folder with --model")
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0][:240]
+    return (f"cannot download {model!r} from {hub}: {type(exc).__name__}: {first} (check the id, or pass a "
+            f"local folder with --model)")
+
+
 def check_cli_args(args) -> None:
     """Everything about a parsed command line that can be checked without the model stack."""
     check_pixels(args.min_pixels, args.max_pixels)

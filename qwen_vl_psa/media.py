@@ -416,7 +416,7 @@ def _open_image(src: Any, label: str, cache_dir: Optional[str], timeout: float) 
     path = _existing_path(value, "image file")
     if path.is_dir():
         raise MediaError(f"{path} is a folder, not an image; pass an image file "
-                         f"(a folder of frames is a video: use load_video)")
+                         f"(a folder of frames is a video: --type video, or load_video in Python)")
     return _decode_image(path, label)
 
 
@@ -567,8 +567,10 @@ def _decode_video(path: Path, label: str, choose: Callable, backend: str) -> tup
             problems.append(f"{name} is not installed")
         except Exception as exc:  # decoders raise RuntimeError, av.FFmpegError, ...
             problems.append(f"{name}: {one_line(exc)}")
-    raise MediaError(f"cannot decode video {label}: {'; '.join(problems)}; "
-                     f"is it a valid video file?")
+    reasons = {p.split(": ", 1)[-1] for p in problems}
+    detail = reasons.pop() if len(reasons) == 1 and len(problems) > 1 else "; ".join(problems)
+    detail = detail.replace(f": '{path}'", "")  # the path is in the label already
+    raise MediaError(f"cannot decode video {label}: {detail}; is it a valid video file?")
 
 
 def _container_duration(path: Path) -> Optional[float]:
@@ -590,6 +592,9 @@ def _container_duration(path: Path) -> Optional[float]:
 def _read_decord(path: Path, choose: Callable) -> tuple:
     import decord  # optional: PyAV covers for it
 
+    problem = _video_problem(path)  # PyAV's quiet probe first: decord logs a C++ error line to stderr
+    if problem is not None:
+        raise RuntimeError(problem)
     reader = decord.VideoReader(str(path))
     total, fps = len(reader), float(reader.get_avg_fps())
     indices = choose(total, fps)

@@ -371,3 +371,94 @@ def test_truncated_video_warns_with_both_durations(tiny_model_dir, tmp_path):
     assert "10.0 s" in notice and "truncated" in notice
     whole = run_cli("--model", tiny_model_dir, "--input", full, "--max-tokens", "2", "--json", "--cache-dir", tmp_path)
     assert "notices" not in json.loads(whole.stdout)["stats"]
+
+
+# ----------------------------------------------------------------------------- 9. messages that name the fix
+
+
+def test_too_long_names_the_long_part(model, make_image, tmp_path, monkeypatch):
+    from qwen_vl_psa.errors import InputError
+
+    monkeypatch.setattr(model.prompts, "max_context", 120)
+    with pytest.raises(InputError) as e:  # the text is long, the image small
+        model.inference_image(make_image(tmp_path / "s.png", 56, 56), "why? " * 200, max_tokens=1)
+    assert "shorten the prompt" in str(e.value) and "--fps" not in str(e.value)
+    with pytest.raises(InputError) as e:  # the image is long
+        model.inference_image(make_image(tmp_path / "b.png", 600, 400), "hi", max_tokens=1)
+    assert "--max-pixels" in str(e.value) and "shorten" not in str(e.value)
+
+
+def test_https_to_a_plain_http_port_is_not_a_certificate_problem(http_server):
+    from qwen_vl_psa import media
+    from qwen_vl_psa.errors import MediaError
+
+    (http_server.root / "a.png").write_bytes(b"x")
+    url = http_server.url_for("a.png").replace("http://", "https://")
+    with pytest.raises(MediaError) as e:
+        media.load_image(url, timeout=10)
+    assert "does not speak TLS" in str(e.value) and "http://" in str(e.value)
+    assert "certificate" not in str(e.value) and "REQUESTS_CA_BUNDLE" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_argparse_errors_are_one_line():
+    for args in (["--fps", "abc"], ["--bogus"], ["--hub", "nowhere"]):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "infer_qwen2_5_vl_psa.py"), *args],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+
+
+@pytest.mark.slow
+def test_no_decoder_log_lines_before_the_error(tiny_model_dir, corrupt_video_path, tmp_path):
+    r = run_cli("--model", tiny_model_dir, "--input", corrupt_video_path, "--cache-dir", tmp_path)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "broken.mp4" in lines[0], r.stderr
+
+
+def test_hub_without_network_is_one_sentence():
+    from qwen_vl_psa.inputs import hub_download_message
+
+    class LocalEntryNotFoundError(Exception):
+        pass
+
+    exc = LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened "
+                                  "while trying to locate the files on the Hub, and we cannot find the "
+                                  "appropriate snapshot folder for the specified revision on the local disk.")
+    msg = hub_download_message("Qwen/Qwen2.5-VL-3B-Instruct", "huggingface", exc)
+    assert "\n" not in msg and "cannot be reached ([Errno -2] Name or service not known)" in msg
+    assert msg.endswith("--model")
+
+
+# ----------------------------------------------------------------------------- 10. stats and side effects
+
+
+def test_answer_is_terminal_safe_only_on_a_terminal(monkeypatch):
+    import io
+
+    from qwen_vl_psa import report
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    raw = "red \x1b[31mALERT\x1b]0;pwned\x07 done\tok\nnext\x9b2J"
+    tty, pipe = Tty(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", tty)
+    report.write_answer(raw)
+    assert tty.getvalue() == "red [31mALERT]0;pwned done\tok\nnext2J"  # no ESC, BEL or CSI left
+    monkeypatch.setattr(sys, "stdout", pipe)
+    report.write_answer(raw)
+    assert pipe.getvalue() == raw  # a pipe or file gets the raw text
+
+
+@pytest.mark.slow
+def test_ttft_is_reported_with_and_without_media_loading(tiny_model_dir, sample_video_path, tmp_path):
+    r = run_cli("--model", tiny_model_dir, "--input", sample_video_path, "--max-tokens", "2", "--cache-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "after the media were loaded" in r.stderr and "with fetch and decode" in r.stderr
+
+
+def test_log_folder_is_ignored():
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "log/" in f.read().split()

@@ -462,3 +462,22 @@ def test_ttft_is_reported_with_and_without_media_loading(tiny_model_dir, sample_
 def test_log_folder_is_ignored():
     with open(os.path.join(ROOT, ".gitignore")) as f:
         assert "log/" in f.read().split()
+
+
+def test_chunked_causal_prefill_equals_sdpa():
+    import paddle
+    from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS
+
+    from qwen_vl_psa.vision_attention import causal_chunked
+
+    class Module(paddle.nn.Layer):
+        pass
+
+    rng = np.random.default_rng(1)
+    q = paddle.to_tensor(rng.standard_normal((1, 4, 200, 16)).astype("float32"))
+    k, v = (paddle.to_tensor(rng.standard_normal((1, 2, 200, 16)).astype("float32")) for _ in range(2))
+    module = Module()
+    module.eval()
+    want = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, attention_mask=None, scaling=0.25, is_causal=True)[0]
+    got = causal_chunked(q, k, v, 0.25, max_elements=4 * 200 * 9)  # 9 rows a block
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)

@@ -419,9 +419,13 @@ def load_item(item: Item, kind: str, opts: BatchOptions) -> Any:
         return load_video(item.input, fps=pick(item.fps, opts.fps), min_pixels=min_px, max_pixels=max_px,
                                 max_frames=pick(item.max_frames, opts.max_frames), cache_dir=opts.media_cache,
                                 progress=False, **extra)
+    notes = []
     if max_px is None and (min_px or 0) <= (opts.image_max_pixels or 0):
-        max_px = opts.image_max_pixels  # the CPU's default image cap (cpu_limits.py)
-    return load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache, **extra)
+        max_px = opts.image_max_pixels  # the CPU's default image cap (cpu_limits.py), with its notice
+        extra["on_downsize"] = lambda *a: notes.append(cpu_limits.cap_notice(*a))
+    image = load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache, **extra)
+    image.info["notices"] = notes + list(image.info.get("notices", ()))  # printed and kept in the stats
+    return image
 
 
 def _load(item: Item, opts: BatchOptions) -> Loaded:

@@ -135,7 +135,7 @@ def _read_body(response: requests.Response, url: str, timeout: float, write, pro
     name = os.path.basename(urlparse(url).path) or url
     received = 0
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}",
-              file=sys.stderr, disable=not progress, leave=False) as bar:
+              file=sys.stderr, disable=not progress or not sys.stderr.isatty(), leave=False) as bar:
         while True:
             _set_socket_timeout(raw, pace.socket_timeout())
             chunk = raw.read1(READ_SIZE, decode_content=True)
@@ -250,8 +250,8 @@ def download(url: str, cache_dir: Optional[str], timeout: float, progress: bool,
                 head = f.read(1024).lstrip().lower()
             sent = (f"an HTML page ({received} bytes, {content_type})" if head.startswith((b"<!doctype", b"<html"))
                     or b"<html" in head else f"{received} bytes of {content_type}")
-            raise MediaError(f"cannot use {url}: the server sent {sent} that do not decode as {what} "
-                             f"({problem}); check the URL (nothing was cached)")
+            raise MediaError(f"cannot use {url}: the server sent {sent}, not {what} ({problem}); check the "
+                             f"URL (nothing was cached)")
         publish(part, target)
     except BaseException:  # also Ctrl-C: never keep a partial file
         with contextlib.suppress(OSError):

@@ -592,6 +592,10 @@ def _container_duration(path: Path) -> Optional[float]:
 def _read_decord(path: Path, choose: Callable) -> tuple:
     import decord  # optional: PyAV covers for it
 
+    # decord's ffmpeg logs straight to stderr ("[h264 @ 0x..] Invalid NAL unit size" for a cut
+    # file): the notice or error line says it once, in words.
+    with contextlib.suppress(Exception):
+        decord.logging.set_level(decord.logging.QUIET)
     problem = _video_problem(path)  # PyAV's quiet probe first: decord logs a C++ error line to stderr
     if problem is not None:
         raise RuntimeError(problem)

@@ -369,6 +369,7 @@ def test_truncated_video_warns_with_both_durations(tiny_model_dir, tmp_path):
     assert stats["video_duration_s"] < 5
     [notice] = stats["notices"]
     assert "10.0 s" in notice and "truncated" in notice
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("[")], r.stderr  # no decoder log lines
     whole = run_cli("--model", tiny_model_dir, "--input", full, "--max-tokens", "2", "--json", "--cache-dir", tmp_path)
     assert "notices" not in json.loads(whole.stdout)["stats"]
 

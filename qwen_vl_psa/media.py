@@ -433,6 +433,9 @@ def _decode_image(source: Any, label: str) -> Image.Image:
             return oriented
     except QwenVLError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2x MAX_IMAGE_PIXELS (179 MP) unread
+        raise MediaError(f"cannot decode image {label}: {one_line(exc).split(' could be')[0].rstrip(',')}; that is more "
+                         f"than PIL decodes safely: downscale it first") from None
     except UnidentifiedImageError:  # its text names a BytesIO object: say it plainly
         raise MediaError(f"cannot decode image {label}: unknown image format; "
                          f"is it a valid image file?") from None

@@ -482,3 +482,14 @@ def test_chunked_causal_prefill_equals_sdpa():
     want = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, attention_mask=None, scaling=0.25, is_causal=True)[0]
     got = causal_chunked(q, k, v, 0.25, max_elements=4 * 200 * 9)  # 9 rows a block
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_decompression_bomb_limit_is_one_plain_line(tmp_path, monkeypatch):
+    from qwen_vl_psa import media
+    from qwen_vl_psa.errors import MediaError
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a 200-megapixel scan
+    with pytest.raises(MediaError, match="downscale it first") as e:
+        media.load_image(tmp_path / "big.png")
+    assert "DOS" not in str(e.value) and "\n" not in str(e.value)

@@ -97,6 +97,17 @@ def _check_complete(response: requests.Response, received: int, url: str) -> Non
                              f"bytes); try again")
 
 
+def probe(url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """A HEAD request before the model loads, so a typo'd URL (404, 410) or an unreachable host
+    fails in a second, not after minutes of loading. Statuses a server may give HEAD alone (405,
+    501...) pass: the download itself decides then."""
+    with _http_errors(url, timeout):
+        response = requests.head(url, timeout=min(timeout, 10.0), headers=HTTP_HEADERS, allow_redirects=True)
+        if response.status_code in (404, 410):
+            raise MediaError(f"cannot fetch {url}: HTTP {response.status_code} {response.reason or ''}".rstrip()
+                             + "; check the URL")
+
+
 class _Pace:
     """The deadline and the minimum rate of one download; check() after every read."""
 
@@ -135,7 +146,7 @@ def _read_body(response: requests.Response, url: str, timeout: float, write, pro
     name = os.path.basename(urlparse(url).path) or url
     received = 0
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}",
-              file=sys.stderr, disable=not progress or not sys.stderr.isatty(), leave=False) as bar:
+              file=sys.stderr, disable=not progress, leave=False) as bar:
         while True:
             _set_socket_timeout(raw, pace.socket_timeout())
             chunk = raw.read1(READ_SIZE, decode_content=True)

@@ -5,7 +5,8 @@ an empty prompts file ends with one `error:` line in a second or two, not after 
 or a minute of model loading. Nothing is fetched or decoded here: a URL is checked for its
 syntax only, a file for existing and being readable. media.py does the real opening.
 
-Imports no Paddle, paddleformers, requests or numpy.
+Imports no Paddle, paddleformers or numpy (requests only when an input is an http(s) URL: one
+HEAD request each, so a 404 is found before the model loads).
 """
 from __future__ import annotations
 
@@ -196,3 +197,9 @@ def check_cli_args(args) -> None:
         return  # corpus mode checks its own flags and items (a bad item fails alone)
     for src in args.input or []:
         check_source(src, args.type or guess_media_type(src))
+    urls = [src for src in args.input or [] if url_scheme(src) in ("http", "https")]
+    if urls:
+        from .fetch import DEFAULT_TIMEOUT, probe  # requests: light, no Paddle
+
+        for url in urls:
+            probe(url, getattr(args, "timeout", None) or DEFAULT_TIMEOUT)

@@ -12,7 +12,8 @@ Servers (function-scoped; one fresh server per test):
                         /__drip__/<name>  sends the headers (full Content-Length), then one byte
                                           every `.drip_s` seconds (default 1): a server that never
                                           stalls long enough for a per-read timeout
-                      Missing files get 404.
+                      Missing files get 404. HEAD answers the status and headers of a GET (the CLI
+                      probes URLs before loading the model); `.hits` counts GETs only.
     https_server   -> the same over TLS with a throw-away self-signed certificate; `.ca_path` is its
                       PEM. The fixture sets REQUESTS_CA_BUNDLE to it for this test only, so
                       `requests` verifies the server normally (no verify=False anywhere).
@@ -105,6 +106,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self.wfile.write(data)
+
+    def do_HEAD(self):  # noqa: N802: the status and headers a GET would give, no body
+        path = unquote(urlparse(self.path).path)
+        if path.startswith("/__status__/"):
+            self.send_response(int(path.rsplit("/", 1)[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if path.startswith(("/__drop__/", "/__slow__/", "/__drip__/")):
+            path = path.split("/", 2)[2]
+        file = self.server.root / path.lstrip("/")
+        if not file.is_file():
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(file.stat().st_size))
+        self.end_headers()
 
     def log_message(self, *args):  # keep test output clean
         pass

@@ -493,3 +493,11 @@ def test_decompression_bomb_limit_is_one_plain_line(tmp_path, monkeypatch):
     with pytest.raises(MediaError, match="downscale it first") as e:
         media.load_image(tmp_path / "big.png")
     assert "DOS" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_404_url_fails_before_the_model_stack(http_server, tmp_path):
+    rc, seconds, heavy, stderr = run_fast("--input", http_server.url_for("no_such_photo.jpg"), "--cache-dir", tmp_path)
+    lines = error_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and "HTTP 404" in lines[0], stderr
+    assert "paddle" not in heavy and seconds < 3

@@ -31,9 +31,11 @@ import contextlib
 import glob
 import json
 import os
+import queue
 import re
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import dataclasses
@@ -448,7 +450,25 @@ class Prefetcher:
         self.items, self.opts, self.depth = items, opts, depth
         self.wait_s = 0.0  # consumer time spent waiting for an item
         if depth > 0:
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="corpus-prefetch")
+            # Daemon threads, not a ThreadPoolExecutor: its workers are joined at exit, so Ctrl-C
+            # during a stalled download would wait for the download's deadline.
+            self.jobs: queue.Queue = queue.Queue()
+            for i in range(depth):
+                threading.Thread(target=self._work, name=f"corpus-prefetch-{i}", daemon=True).start()
+
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            future, item = job
+            if future.set_running_or_notify_cancel():
+                future.set_result(_load(item, self.opts))  # _load returns errors, never raises
+
+    def _submit(self, item: Item) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((future, item))
+        return future
 
     def __iter__(self) -> Iterator[Tuple[Loaded, float]]:
         """(loaded item, seconds the consumer waited for it)."""
@@ -458,26 +478,36 @@ class Prefetcher:
                 yield loaded, loaded.end - loaded.start
             return
         todo, pending = iter(self.items), {}
-        while True:
+
+        def fill():
             while len(pending) < self.depth:
                 item = next(todo, None)
                 if item is None:
-                    break
-                pending[self.pool.submit(_load, item, self.opts)] = item.index
-            if not pending:
-                return
+                    return
+                pending[self._submit(item)] = item.index
+
+        fill()
+        while pending:
             t0 = time.perf_counter()
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             waited = time.perf_counter() - t0
-            for fut in sorted(done, key=pending.get):  # ties in input order
-                del pending[fut]
-                yield fut.result(), waited
-                waited = 0.0
+            future = min(done, key=pending.get)  # of those ready, the first in input order
+            del pending[future]
+            fill()  # the next load starts while this item is generated
+            yield future.result(), waited
 
     def close(self):
         if self.depth > 0:
             # Loads still running end at their download deadline; nobody waits for them here.
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+            for _ in range(self.depth):
+                self.jobs.put(None)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -85,8 +85,15 @@ def rand_qkv(Hq, Hkv, Lq, Lk, D, dtype=torch.bfloat16, seed=0):
     return q, k, v
 
 
-def video_qkv(N, Hq, Hkv, D=128, dtype=torch.bfloat16, seed=0):
-    z, wq, wk, wv = (torch.from_numpy(x).to(DEV) for x in video_like_factors(N, Hq, Hkv, D, seed=seed))
+# the two bench inputs: "bench" (the smooth video-like input of Runs 1-6) and "rough" (more motion
+# and per-token noise, weaker spatial structure shared across frames, peakier attention: sparsity
+# 0.477 at 8K and 0.667 at 64K in a float64 numpy reference on 4 of the 7B heads; RESULTS.md Run 7)
+INPUTS = {"bench": {}, "rough": dict(steps=(1.0, 0.4, 0.4), noise=0.45, temperature=9.0, spatial=0.4)}
+
+
+def video_qkv(N, Hq, Hkv, D=128, dtype=torch.bfloat16, seed=0, inp="bench"):
+    z, wq, wk, wv = (torch.from_numpy(x).to(DEV)
+                     for x in video_like_factors(N, Hq, Hkv, D, seed=seed, **INPUTS[inp]))
     return tuple(torch.matmul(z[None], w)[None].to(dtype).contiguous() for w in (wq, wk, wv))
 
 
@@ -272,13 +279,14 @@ def check():
         ("rand D64 8/2 Lq<Lk 700/2200", 8, 2, 700, 2200, 64, torch.bfloat16, "rand"),
         ("video 7B L=4096", 28, 4, 4096, 4096, 128, torch.bfloat16, "video"),
         ("video 7B L=16384", 28, 4, 16384, 16384, 128, torch.bfloat16, "video"),
+        ("rough 7B L=8192", 28, 4, 8192, 8192, 128, torch.bfloat16, "rough"),
     ]
     for i, (name, Hq, Hkv, Lq, Lk, D, dt, kind) in enumerate(cases):
         sc = 1 / math.sqrt(D)
         if kind == "rand":
             q, k, v = rand_qkv(Hq, Hkv, Lq, Lk, D, dt, seed=100 + i)
         else:
-            q, k, v = video_qkv(Lk, Hq, Hkv, D, dt, seed=i)
+            q, k, v = video_qkv(Lk, Hq, Hkv, D, dt, seed=i, inp="rough" if kind == "rough" else "bench")
             q = q[:, :, Lk - Lq:]
         qo = Lk - Lq
         nKB = -(-Lk // BLK)
@@ -293,22 +301,29 @@ def check():
             agree = (lev == lev_ref).float().mean().item()
             lev_own = ref_levels(imp, ref_cap(k, BLK), qo, BLK)  # same importance in: must match
             agree_own = (lev == lev_own).float().mean().item()
+            # the scratch-free two-pass importance kernel: same levels
+            lev2, imp2 = TE.estimate_levels_triton(q, k, Cfg, qo, tiles=TE.DEFAULT_EST_TILES[:4] + (2,))
+            agree12 = (lev == lev2).float().mean().item()
             ok &= e_imp < 1e-3 and agree_own > 0.999 and agree > 0.99
-            log(f"{name:30s} importance relerr {e_imp:.2e}  levels agree {100 * agree:.3f}% "
-                f"(same-importance {100 * agree_own:.4f}%)  sparsity {sparsity(lev, qo):.3f}")
+            log(f"{name:30s} importance relerr {e_imp:.2e} (two-pass {relerr(imp2, imp_ref):.2e})  levels agree "
+                f"{100 * agree:.3f}% (same-importance {100 * agree_own:.4f}%, one- vs two-pass "
+                f"{100 * agree12:.4f}%)  sparsity {sparsity(lev, qo):.3f}")
         for lname, lv in (("rand levels", rand_levels(Hq, nKB - qb0, nKB, qb0, seed=i)), ("est levels", lev)):
             if Lk > 8192 and lname == "rand levels":
                 continue
-            out = torch.full_like(q, float("nan"))
-            TA.pyramid_attention_triton(q, k, v, lv, qo, sc, block_size=BLK, out=out)
-            torch.cuda.synchronize()
             ref = ref_attention(q, k, v, lv, qo, sc)
-            written = torch.isfinite(out).all().item()
-            e = relerr(out, ref)
-            good = written and e <= 1e-2
-            ok &= good
-            log(f"{name:30s} {lname:12s} attention relerr {e:.2e}  all written {written}  {'OK' if good else 'FAIL'}")
-            del ref, out
+            for path, ut in (("auto", None), ("plain", False)):
+                out = torch.full_like(q, float("nan"))
+                TA.pyramid_attention_triton(q, k, v, lv, qo, sc, block_size=BLK, out=out, use_tma=ut)
+                torch.cuda.synchronize()
+                written = torch.isfinite(out).all().item()
+                e = relerr(out, ref)
+                good = written and e <= 1e-2
+                ok &= good
+                log(f"{name:30s} {lname:12s} {path:5s} attention relerr {e:.2e}  all written {written}  "
+                    f"{'OK' if good else 'FAIL'}")
+                del out
+            del ref
         torch.cuda.empty_cache()
 
     # dense path and a CUDA graph capture (launches must go to the capturing stream)
@@ -350,6 +365,7 @@ def check():
     except Exception as ex:
         ok = False
         log(f"estimate graph capture FAILED: {type(ex).__name__}: {ex}")
+    log(f"TMA path chosen by default here: {TA._want_tma(q, None) and TA._tma_ok(q, k, v)}")
     dense = TA.dense_attention_triton(q, k, v, 0, scale)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):
@@ -376,8 +392,47 @@ ATTN_VARIANTS = {
     "m128n64w8s4": (128, 64, 64, 8, 4),
     "m128n128w4s3": (128, 128, 64, 4, 3),
     "m128n128w8s3np128": (128, 128, 128, 8, 3),
+    "tma_m128n64w4s2": (128, 64, 64, 4, 2, "tma"),
+    "tma_m128n64w4s3": (128, 64, 64, 4, 3, "tma"),
+    "tma_m128n64w8s2": (128, 64, 64, 8, 2, "tma"),
+    "tma_m128n128w8s1": (128, 128, 64, 8, 1, "tma"),
+    "tma_m64n64w4s3": (64, 64, 64, 4, 3, "tma"),
+    "tmaws_m128n64w4s3": (128, 64, 64, 4, 3, "tma_ws"),
+    "tmaws_m128n64w4s2": (128, 64, 64, 4, 2, "tma_ws"),
+    "plain_m128n128w8s3": (128, 128, 64, 8, 3, "plain"),
+    "plain_m128n64w4s3": (128, 64, 64, 4, 3, "plain"),
+    "tma_m64n64w4s4": (64, 64, 64, 4, 4, "tma"),
+    "tma_m64n64w4s2": (64, 64, 64, 4, 2, "tma"),
+    "tma_m64n128w4s3": (64, 128, 64, 4, 3, "tma"),
+    "tmaws_m64n64w4s3": (64, 64, 64, 4, 3, "tma_ws"),
+    "tma_m64n64w4s3g": (64, 64, 64, 4, 3, "tma", True),
+    "tma_m64n64w4s3g128": (64, 64, 128, 4, 3, "tma", True),
+    "plain_m64n64w4s3": (64, 64, 64, 4, 3, "plain"),
 }
 EST_VARIANTS = {
+    "e64x128w4s3p1plain": (64, 128, 4, 3, 1, "plain"),
+    "e64x128w4s3p1tma": (64, 128, 4, 3, 1, "tma"),
+    "e128x128w8s3p1tma": (128, 128, 8, 3, 1, "tma"),
+    "e64x256w8s3p1tma": (64, 256, 8, 3, 1, "tma"),
+    "e128x128w4s3p1tma": (128, 128, 4, 3, 1, "tma"),
+    "e64x128w4s4p1tma": (64, 128, 4, 4, 1, "tma"),
+    "e64x128w4s3p1": (64, 128, 4, 3, 1),
+    "e64x128w4s4p1": (64, 128, 4, 4, 1),
+    "e64x128w4s2p1tma": (64, 128, 4, 2, 1, "tma"),
+    "e64x64w4s3p1tma": (64, 64, 4, 3, 1, "tma"),
+    "e64x64w4s4p1tma": (64, 64, 4, 4, 1, "tma"),
+    "e128x64w4s3p1tma": (128, 64, 4, 3, 1, "tma"),
+    "e64x128w8s3p2": (64, 128, 8, 3, 2),
+    "e64x128w8s3p1": (64, 128, 8, 3, 1),
+    "e128x128w8s3p1": (128, 128, 8, 3, 1),
+    "e128x64w8s3p1": (128, 64, 8, 3, 1),
+    "e64x128w4s3p1": (64, 128, 4, 3, 1),
+    "e64x128w4s4p1": (64, 128, 4, 4, 1),
+    "e64x128w4s2p1tma": (64, 128, 4, 2, 1, "tma"),
+    "e64x64w4s3p1tma": (64, 64, 4, 3, 1, "tma"),
+    "e64x64w4s4p1tma": (64, 64, 4, 4, 1, "tma"),
+    "e128x64w4s3p1tma": (128, 64, 4, 3, 1, "tma"),
+    "e128x128w8s2p1": (128, 128, 8, 2, 1),
     "e64x64w4s3": (64, 64, 4, 3),
     "e128x64w8s3": (128, 64, 8, 3),
     "e64x128w8s3": (64, 128, 8, 3),
@@ -387,13 +442,13 @@ EST_VARIANTS = {
 }
 
 
-def tune(sizes, attn_variants, est_variants):
+def tune(sizes, attn_variants, est_variants, inputs=("bench",)):
     log("== tune (7B heads, bf16, video-like) ==")
     Hq, Hkv = HEADS["7b"]
     scale = 1 / math.sqrt(128)
     res = {}
-    for N in sizes:
-        q, k, v = video_qkv(N, Hq, Hkv)
+    for inp, N in ((i, n) for i in inputs for n in sizes):
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
         fa2, how = _sdpa(q, k, v, "flash")
         cud, how2 = _sdpa(q, k, v, "cudnn")
         t_fa2 = bench(fa2)
@@ -401,7 +456,7 @@ def tune(sizes, attn_variants, est_variants):
         lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
         sp = sparsity(lev)
         ones = torch.ones_like(lev)
-        log(f"N={N}: FA2 {t_fa2:.3f} ms ({how}), cuDNN {t_cud:.3f} ms ({how2}), sparsity {sp:.3f}")
+        log(f"{inp} N={N}: FA2 {t_fa2:.3f} ms ({how}), cuDNN {t_cud:.3f} ms ({how2}), sparsity {sp:.3f}")
         for name in attn_variants:
             t = ATTN_VARIANTS[name]
             try:
@@ -436,100 +491,129 @@ def tune(sizes, attn_variants, est_variants):
     return win
 
 
+# ============================================================================ estimate parts
+
+def est_parts(sizes, inputs):
+    """Where the estimate's time goes: importance, similarity cap, levels (sort + assign) per warps."""
+    log("== estimate parts (7B heads) ==")
+    Hq, Hkv = HEADS["7b"]
+    for inp, N in ((i, n) for i in inputs for n in sizes):
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
+        t_all = bench(lambda: TE.estimate_levels_triton(q, k, Cfg, 0))
+        t_imp = bench(lambda: TE.importance_triton(q, k, BLK, 16, 0))
+        t_cap = bench(lambda: TE.similarity_cap_triton(k, BLK))
+        imp = TE.importance_triton(q, k, BLK, 16, 0)
+        cap = TE.similarity_cap_triton(k, BLK)
+        ref = TE.levels_from_importance_triton(imp, cap, 0, BLK, n_kv_heads=Hkv)
+        parts = []
+        for w in (1, 2, 4, 8, 16):
+            try:
+                lv = TE.levels_from_importance_triton(imp, cap, 0, BLK, n_kv_heads=Hkv, num_warps=w)
+                same = bool((lv == ref).all().item())
+                t = bench(lambda: TE.levels_from_importance_triton(imp, cap, 0, BLK, n_kv_heads=Hkv, num_warps=w))
+                parts.append(f"levels {w} warps {t:.3f} ms{'' if same else ' (DIFFERENT LEVELS)'}")
+            except Exception as ex:
+                parts.append(f"levels {w} warps failed {type(ex).__name__}")
+        log(f"  {inp} N={N}: estimate {t_all:.3f} ms = importance {t_imp:.3f} + cap {t_cap:.3f} + levels; "
+            + "; ".join(parts))
+        del q, k, v, imp, cap, ref
+        torch.cuda.empty_cache()
+
+
 # ============================================================================ quality
 
-def quality(sizes, heads):
+def quality(sizes, heads, inputs=("bench",)):
     """How far PSA's output is from dense attention on the video-like input (the approximation
     error, not a kernel error): ||psa - dense|| / ||dense|| per size, dense = cuDNN/FA2 in bf16,
     whose own rounding (~2e-3) is the floor of what this can show."""
     log("== quality: PSA output vs dense attention (video-like, default config) ==")
     rows = []
-    for hname in heads:
+    for inp, hname, N in ((i, h, n) for i in inputs for h in heads for n in sizes):
         Hq, Hkv = HEADS[hname]
-        for N in sizes:
-            q, k, v = video_qkv(N, Hq, Hkv)
-            dense_fn, _ = _sdpa(q, k, v, "flash")
-            dense = dense_fn().float()
-            lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
-            out = TA.pyramid_attention_triton(q, k, v, lev, 0, 1 / math.sqrt(128)).float()
-            err = ((out - dense).norm() / dense.norm()).item()
-            # the prompt rows (last text_length tokens) are the ones the answer is decoded from
-            t = Cfg.text_length
-            err_prompt = ((out[:, :, -t:] - dense[:, :, -t:]).norm() / dense[:, :, -t:].norm()).item()
-            rows.append(dict(heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
-            log(f"  {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
-                f"prompt rows {err_prompt:.4f}")
-            del q, k, v, dense, out, lev
-            torch.cuda.empty_cache()
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
+        dense_fn, _ = _sdpa(q, k, v, "flash")
+        dense = dense_fn().float()
+        lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0)
+        out = TA.pyramid_attention_triton(q, k, v, lev, 0, 1 / math.sqrt(128)).float()
+        err = ((out - dense).norm() / dense.norm()).item()
+        # the prompt rows (last text_length tokens) are the ones the answer is decoded from
+        t = Cfg.text_length
+        err_prompt = ((out[:, :, -t:] - dense[:, :, -t:]).norm() / dense[:, :, -t:].norm()).item()
+        rows.append(dict(input=inp, heads=hname, N=N, sparsity=sparsity(lev), err=err, err_prompt=err_prompt))
+        log(f"  {inp} {hname} N={N}: sparsity {rows[-1]['sparsity']:.3f}  rel. error all rows {err:.4f}, "
+            f"prompt rows {err_prompt:.4f}")
+        del q, k, v, dense, out, lev
+        torch.cuda.empty_cache()
     return rows
 
 
 # ============================================================================ table
 
-def table(sizes, heads, attn_tiles=None, est_tiles=None, dense_tiles=None):
-    log(f"== table (bf16, D=128, video-like, energybound defaults) tiles: PSA {attn_tiles or TA.DEFAULT_TILES[128]}, "
-        f"all-L1/dense {dense_tiles or TA.DENSE_TILES[128]}, estimate {est_tiles or TE.DEFAULT_EST_TILES} ==")
+def table(sizes, heads, attn_tiles=None, est_tiles=None, dense_tiles=None, inputs=("bench",)):
+    dflt = "module default for this GPU"
+    log(f"== table (bf16, D=128, video-like, energybound defaults) tiles: PSA {attn_tiles or dflt}, "
+        f"all-L1/dense {dense_tiles or dflt}, estimate {est_tiles or TE.DEFAULT_EST_TILES} ==")
     rows = []
-    for hname in heads:
+    for inp, hname, N in ((i, h, n) for i in inputs for h in heads for n in sizes):
         Hq, Hkv = HEADS[hname]
-        for N in sizes:
-            scale = 1 / math.sqrt(128)
-            t0 = time.time()
-            q, k, v = video_qkv(N, Hq, Hkv)
-            fa2, _ = _sdpa(q, k, v, "flash")
-            cud, _ = _sdpa(q, k, v, "cudnn")
-            rep = 200 if N <= 32768 else 600
-            t_fa2 = bench(fa2, rep)
-            t_cud = bench(cud, rep) if cud else float("nan")
-            lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
-            sp = sparsity(lev)
-            ones = torch.ones_like(lev)
-            t_est = bench(lambda: TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles), rep)
-            t_k = bench(lambda: TA.pyramid_attention_triton(q, k, v, lev, 0, scale, block_size=BLK, tiles=attn_tiles), rep)
-            t_1 = bench(lambda: TA.dense_attention_triton(q, k, v, 0, scale, block_size=BLK, tiles=dense_tiles), rep)
+        scale = 1 / math.sqrt(128)
+        t0 = time.time()
+        q, k, v = video_qkv(N, Hq, Hkv, inp=inp)
+        fa2, _ = _sdpa(q, k, v, "flash")
+        cud, _ = _sdpa(q, k, v, "cudnn")
+        rep = 200 if N <= 32768 else 600
+        t_fa2 = bench(fa2, rep)
+        t_cud = bench(cud, rep) if cud else float("nan")
+        lev, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
+        sp = sparsity(lev)
+        ones = torch.ones_like(lev)
+        t_est = bench(lambda: TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles), rep)
+        t_k = bench(lambda: TA.pyramid_attention_triton(q, k, v, lev, 0, scale, block_size=BLK, tiles=attn_tiles), rep)
+        t_1 = bench(lambda: TA.dense_attention_triton(q, k, v, 0, scale, block_size=BLK, tiles=dense_tiles), rep)
 
-            def total():
-                lv, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
-                return TA.pyramid_attention_triton(q, k, v, lv, 0, scale, block_size=BLK, tiles=attn_tiles)
+        def total():
+            lv, _ = TE.estimate_levels_triton(q, k, Cfg, 0, tiles=est_tiles)
+            return TA.pyramid_attention_triton(q, k, v, lv, 0, scale, block_size=BLK, tiles=attn_tiles)
 
-            t_tot = bench(total, rep)
-            # memory one layer call adds on top of its inputs (the output included): the issue asks
-            # for no per-query-head copy of K/V, i.e. far below (Hq/Hkv) x the K+V bytes
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            out = total()
-            torch.cuda.synchronize()
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del out
-            kv_mib = (k.numel() + v.numel()) * k.element_size() / 2**20
-            flops = 4.0 * Hq * N * N * 128 / 2
-            r = dict(heads=hname, N=N, sparsity=sp, fa2=t_fa2, cudnn=t_cud, est=t_est, kernel=t_k, all1=t_1,
-                     total=t_tot, tflops_fa2=flops / t_fa2 / 1e9, tflops_all1=flops / t_1 / 1e9,
-                     tflops_total=flops / t_tot / 1e9, extra_mib=extra, kv_mib=kv_mib,
-                     out_mib=q.numel() * q.element_size() / 2**20)
-            rows.append(r)
-            log(f"  {hname} N={N}: {json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()})} "
-                f"({time.time() - t0:.0f}s)")
-            del q, k, v, lev, ones
-            torch.cuda.empty_cache()
-    hdr = ("| heads | N | sparsity | FA2 ms | cuDNN ms | est ms | PSA kernel ms | kernel/((1-s)FA2) | all-L1 ms | "
-           "all-L1/FA2 | all-L1/cuDNN | PSA total ms | total/FA2 | total/cuDNN | TFLOP/s FA2 / all-L1 / total | "
-           "peak extra MiB (output / K+V MiB) |")
-    lines = [hdr, "|" + "---|" * 16]
+        t_tot = bench(total, rep)
+        # memory one layer call adds on top of its inputs (the output included): the issue asks
+        # for no per-query-head copy of K/V, i.e. far below (Hq/Hkv) x the K+V bytes
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = total()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del out
+        kv_mib = (k.numel() + v.numel()) * k.element_size() / 2**20
+        flops = 4.0 * Hq * N * N * 128 / 2
+        r = dict(input=inp, heads=hname, N=N, sparsity=sp, fa2=t_fa2, cudnn=t_cud, est=t_est, kernel=t_k, all1=t_1,
+                 total=t_tot, tflops_fa2=flops / t_fa2 / 1e9, tflops_all1=flops / t_1 / 1e9,
+                 tflops_total=flops / t_tot / 1e9, extra_mib=extra, kv_mib=kv_mib,
+                 out_mib=q.numel() * q.element_size() / 2**20)
+        rows.append(r)
+        log(f"  {hname} N={N}: {json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()})} "
+            f"({time.time() - t0:.0f}s)")
+        del q, k, v, lev, ones
+        torch.cuda.empty_cache()
+    hdr = ("| input | heads | N | sparsity | FA2 ms | cuDNN ms | est ms | est/total | PSA kernel ms | kernel/((1-s)FA2) | "
+           "all-L1 ms | all-L1/FA2 | all-L1/cuDNN | PSA total ms | total/FA2 | total/cuDNN | "
+           "TFLOP/s FA2 / all-L1 / total | peak extra MiB (output / K+V MiB) |")
+    lines = [hdr, "|" + "---|" * 18]
     for r in rows:
         lines.append(
-            f"| {r['heads']} | {r['N'] // 1024}K | {r['sparsity']:.3f} | {r['fa2']:.2f} | {r['cudnn']:.2f} | "
-            f"{r['est']:.2f} | {r['kernel']:.2f} | {r['kernel'] / ((1 - r['sparsity']) * r['fa2']):.2f} | "
+            f"| {r['input']} | {r['heads']} | {r['N'] // 1024}K | {r['sparsity']:.3f} | {r['fa2']:.2f} | {r['cudnn']:.2f} | "
+            f"{r['est']:.2f} | {r['est'] / r['total']:.2f} | {r['kernel']:.2f} | "
+            f"{r['kernel'] / ((1 - r['sparsity']) * r['fa2']):.2f} | "
             f"{r['all1']:.2f} | {r['all1'] / r['fa2']:.3f} | {r['all1'] / r['cudnn']:.3f} | {r['total']:.2f} | "
             f"{r['total'] / r['fa2']:.3f} | {r['total'] / r['cudnn']:.3f} | "
             f"{r['tflops_fa2']:.0f} / {r['tflops_all1']:.0f} / {r['tflops_total']:.0f} | "
             f"{r['extra_mib']:.0f} ({r['out_mib']:.0f} / {r['kv_mib']:.0f}) |")
     log("\n".join(lines))
-    for hname in heads:
-        hr = [r for r in rows if r["heads"] == hname]
+    for inp, hname in ((i, h) for i in inputs for h in heads):
+        hr = [r for r in rows if r["heads"] == hname and r["input"] == inp]
         win = [r["N"] for r in hr if r["total"] < r["all1"]]
-        log(f"crossover ({hname}): PSA total < dense Triton kernel from N={min(win) if win else 'never'} "
+        log(f"crossover ({inp}, {hname}): PSA total < dense Triton kernel from N={min(win) if win else 'never'} "
             f"among {[r['N'] // 1024 for r in hr]}K; below it the product should run dense. "
             "PSA total / dense-Triton / FA2 per N: "
             + ", ".join(f"{r['N'] // 1024}K {r['total']:.2f}/{r['all1']:.2f}/{r['fa2']:.2f} ms" for r in hr))
@@ -542,11 +626,13 @@ def main():
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--quality", action="store_true", help="PSA output vs dense attention, per size")
+    ap.add_argument("--est-parts", action="store_true", help="time the estimate's kernels separately")
     ap.add_argument("--tune-sizes", default="16384,32768")
     ap.add_argument("--attn-variants", default=",".join(ATTN_VARIANTS))
     ap.add_argument("--est-variants", default=",".join(EST_VARIANTS))
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--heads", default="7b,3b")
+    ap.add_argument("--inputs", default="bench,rough", help="bench inputs for --table and --tune")
     ap.add_argument("--attn-tiles", default="")
     ap.add_argument("--est-tiles", default="")
     ap.add_argument("--dense-tiles", default="")
@@ -566,12 +652,15 @@ def main():
     try:
         if a.check:
             section("check", check)
+        if a.est_parts:
+            section("est_parts", lambda: est_parts([int(x) for x in a.sizes.split(",")], a.inputs.split(",")))
         if a.quality:
-            section("quality", lambda: quality([int(x) for x in a.sizes.split(",")], a.heads.split(",")))
+            section("quality", lambda: quality([int(x) for x in a.sizes.split(",")], a.heads.split(","),
+                                               a.inputs.split(",")))
         if a.tune:
             section("tune", lambda: tune([int(x) for x in a.tune_sizes.split(",")],
                                          [x for x in a.attn_variants.split(",") if x],
-                                         [x for x in a.est_variants.split(",") if x]))
+                                         [x for x in a.est_variants.split(",") if x], a.inputs.split(",")))
         if a.table:
             win = res.get("tune") or {}  # "auto": the tune winners of this run, else module defaults
             pick = lambda arg, key, table_: (table_[win[key]] if arg == "auto" and key in win
@@ -579,7 +668,8 @@ def main():
             at = pick(a.attn_tiles, "psa", ATTN_VARIANTS)
             dt = pick(a.dense_tiles, "dense", ATTN_VARIANTS)
             et = pick(a.est_tiles, "est", EST_VARIANTS)
-            section("table", lambda: table([int(x) for x in a.sizes.split(",")], a.heads.split(","), at, et, dt))
+            section("table", lambda: table([int(x) for x in a.sizes.split(",")], a.heads.split(","), at, et, dt,
+                                           a.inputs.split(",")))
     finally:
         log(f"elapsed {time.time() - t0:.0f}s")
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,10 @@ def _walk(rng, n, step):
 STEPS = (0.5, 0.25, 0.25)  # random-walk step per frame, per row, per column
 NOISE = 0.1  # per-token latent noise
 TEMPERATURE = 4.0  # query scale: sets how peaked attention is
+SPATIAL = 0.7  # weight of the row and column features, shared by every frame
 
 
-def latents(n_tokens: int, text: int = 512, seed: int = 0, steps=STEPS, noise=NOISE) -> np.ndarray:
+def latents(n_tokens: int, text: int = 512, seed: int = 0, steps=STEPS, noise=NOISE, spatial=SPATIAL) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n_vid = max(0, n_tokens - text)
     n_txt = n_tokens - n_vid
@@ -40,7 +41,7 @@ def latents(n_tokens: int, text: int = 512, seed: int = 0, steps=STEPS, noise=NO
     t = np.arange(n_vid) // per
     y = (np.arange(n_vid) % per) // FRAME_W
     x = np.arange(n_vid) % FRAME_W
-    z_vid = 1.0 * frame[t] + 0.7 * row[y] + 0.7 * col[x] + noise * rng.standard_normal((n_vid, LATENT))
+    z_vid = 1.0 * frame[t] + spatial * row[y] + spatial * col[x] + noise * rng.standard_normal((n_vid, LATENT))
     z_txt = rng.standard_normal((n_txt, LATENT))
     z = np.concatenate([z_vid, z_txt], 0)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
@@ -52,9 +53,9 @@ def latents(n_tokens: int, text: int = 512, seed: int = 0, steps=STEPS, noise=NO
 
 
 def video_like_factors(n_tokens: int, n_q_heads: int, n_kv_heads: int, head_dim: int = 128, text: int = 512,
-                       seed: int = 0, temperature: float = TEMPERATURE, steps=STEPS, noise=NOISE):
+                       seed: int = 0, temperature: float = TEMPERATURE, steps=STEPS, noise=NOISE, spatial=SPATIAL):
     """-> z [N, LATENT], wq [Hq, LATENT, D], wk, wv [Hkv, LATENT, D]: q = z @ wq per head, etc."""
-    z = latents(n_tokens, text, seed, steps, noise)
+    z = latents(n_tokens, text, seed, steps, noise, spatial)
     rng = np.random.default_rng(seed + 1)
     G = n_q_heads // n_kv_heads
     wk = rng.standard_normal((n_kv_heads, LATENT, head_dim)).astype(np.float32)

@@ -10,23 +10,13 @@ import math
 import numpy as np
 import paddle
 
-from .config import SUPPORTED_BLOCKS
+from .config import block_from_levels_shape
 from .pyramid import PYRAMID_LEVELS, block_layout, build_pyramid
 
 
 def infer_block(Lk: int, q_offset: int, n_rows: int, n_cols: int) -> int:
-    """The block size a levels tensor [.., n_rows, n_cols] was built with.
-
-    The backend signature carries no block size; ceil(Lk/BLK) == nKB singles it out. When
-    Lk <= 64 both sizes fit, and both give the same result (one block, aligned at 0).
-    """
-    for blk in SUPPORTED_BLOCKS[::-1]:
-        if -(-Lk // blk) == n_cols and n_cols - q_offset // blk == n_rows:
-            return blk
-    raise ValueError(
-        f"levels shape [.., {n_rows}, {n_cols}] matches no block size in {SUPPORTED_BLOCKS} "
-        f"for Lk={Lk}, q_offset={q_offset}"
-    )
+    """The block size a levels tensor [.., n_rows, n_cols] was built with (config's one rule)."""
+    return block_from_levels_shape(Lk, q_offset, n_rows, n_cols)
 
 
 def _pad_query(q, front, back):

@@ -18,6 +18,34 @@ BACKENDS = ("auto", "triton", "paddle")
 _EPS = 1e-9  # slack for "contiguous" checks on ratios typed as decimals
 
 
+def ratio_intervals(mask_ratios):
+    """The one interval rule: ``(level, lower, hi)`` in insertion order with
+    ``lower = max(lo, previous hi)``, so intervals never overlap. energybound gives a block the
+    level where ``lower < E <= hi``; topk where ``floor(n*lower) <= rank < floor(n*hi)``."""
+    prev_hi = None
+    for level, (lo, hi) in dict(mask_ratios).items():
+        lo, hi = float(lo), float(hi)
+        lower = lo if prev_hi is None else max(lo, prev_hi)
+        prev_hi = hi
+        yield int(level), lower, hi
+
+
+def block_from_levels_shape(Lk: int, q_offset: int, n_rows: int, n_cols: int) -> int:
+    """The one block-size rule: the block a levels map ``[.., n_rows, n_cols]`` was built with.
+
+    The smallest power of two >= 16 with ``ceil(Lk/BLK) == n_cols`` and
+    ``n_cols - q_offset//BLK == n_rows``. Unique except when ``n_cols == 1``, where every such
+    block describes the same single block and gives the same result. Callers that know
+    ``cfg.query_block`` pass it instead.
+    """
+    for e in range(4, 16):
+        blk = 1 << e
+        if -(-Lk // blk) == n_cols and n_cols - q_offset // blk == n_rows:
+            return blk
+    raise ValueError(f"levels shape [.., {n_rows}, {n_cols}] fits no power-of-two block for Lk={Lk}, "
+                     f"q_offset={q_offset}")
+
+
 class ConfigError(ValueError):
     """An AttentionConfig value that PSA cannot run with."""
 
@@ -76,7 +104,7 @@ class AttentionConfig:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}.")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AttentionConfig":
+    def from_dict(cls, d: dict) -> AttentionConfig:
         """Build from a JSON-like dict; unknown keys are an error, not silently dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)

@@ -14,6 +14,12 @@ This is the only module that knows about it. The kernels in ``triton_attention``
 * in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests) launches directly: there is no
   stream.
 
+Before the first launch it creates Triton's driver (:func:`ensure_driver`): Triton >= 3.8's
+CUDA driver needs no framework; older ones read ``torch.cuda`` while they are created, and get
+Paddle's ``torch`` proxy for that moment only, so no ``torch`` module stays behind in
+``sys.modules``. Driver failures (no libcuda, no C compiler) surface here, at the first launch,
+where psa.py's fail-over catches them.
+
 It also holds the small host-array helpers the wrappers need (allocate on the tensor's device,
 strides, contiguity) so that the kernels' modules never import a framework, and
 :func:`install_interpreter_shim`, which lets the interpreter take Paddle CPU tensors. The shim is
@@ -33,6 +39,8 @@ import threading
 __all__ = [
     "interpreting",
     "prepare_triton",
+    "ensure_driver",
+    "device_properties",
     "device_and_stream",
     "raw_stream_handle",
     "pinned_launch_target",
@@ -50,7 +58,6 @@ __all__ = [
 
 _PIN_LOCK = threading.RLock()
 _MISSING = object()
-_COMPAT_DONE = False
 
 
 def interpreting() -> bool:
@@ -59,31 +66,96 @@ def interpreting() -> bool:
 
 
 def prepare_triton() -> None:
-    """Call before the first ``import triton`` of the product.
+    """Kept for the kernel modules, which call it before ``import triton``: nothing to do there.
 
-    With a CUDA build of Paddle >= 3.2 and no PyTorch in the process, route Triton's internal
-    ``import torch`` to Paddle (``paddle.enable_compat(scope={"triton"})``). That is how Triton
-    finds Paddle's device API. The stream is pinned explicitly anyway (see :func:`launch`), so
-    this is belt and braces, not the only line of defence. Idempotent; never raises.
+    ``import triton`` needs no framework. What does is Triton's *driver*, created lazily at the
+    first launch; :func:`ensure_driver` creates it the product's way. (This used to switch on
+    ``paddle.enable_compat(scope={"triton"})`` for the whole process, which left Paddle's proxy
+    registered as ``torch`` in ``sys.modules`` once the driver was created.)
     """
-    global _COMPAT_DONE
-    if _COMPAT_DONE or interpreting() or "torch" in sys.modules:
+
+
+def _torch_free_cuda_driver(nvidia_backend) -> bool:
+    """Triton >= 3.8's CUDA driver runs without PyTorch (it then answers the default stream,
+    which :func:`launch` overrides with the framework's current stream anyway)."""
+    return hasattr(nvidia_backend.driver, "_get_current_stream")
+
+
+@contextlib.contextmanager
+def _paddle_torch_proxy():
+    """Paddle's ``torch`` proxy for imports made inside Triton, for the duration of the block
+    only: afterwards no proxy module stays in ``sys.modules`` (a user's later ``import torch``
+    gets PyTorch, or fails, as without us)."""
+    import paddle
+
+    guard = getattr(getattr(paddle, "compat", None), "use_torch_proxy_guard", None)
+    if guard is not None:
+        with guard(scope={"triton"}, silent=True):
+            yield
         return
-    _COMPAT_DONE = True
-    paddle = sys.modules.get("paddle")
-    if paddle is None:
-        try:
-            import paddle  # noqa: F811
-        except ImportError:
-            return
+    enable = getattr(paddle, "enable_compat", None)
+    if enable is None:
+        yield  # no compat layer: Triton's own error (it wants torch) will say so
+        return
+    before = {n for n in sys.modules if n == "torch" or n.startswith("torch.")}
+    enable(scope={"triton"}, silent=True)
     try:
-        if not paddle.is_compiled_with_cuda():
-            return
-        enable = getattr(paddle, "enable_compat", None)
-        if enable is not None:
-            enable(scope={"triton"}, silent=True)
-    except Exception:  # an older Paddle without the compat layer: the explicit pin still works
-        pass
+        yield
+    finally:
+        disable = getattr(paddle, "disable_compat", None)
+        if disable is not None:
+            disable()
+        for n in [n for n in sys.modules if (n == "torch" or n.startswith("torch.")) and n not in before]:
+            del sys.modules[n]
+
+
+def ensure_driver():
+    """Create Triton's active driver now (idempotent) and return it; raises what Triton raises
+    (no libcuda / no GPU: RuntimeError, no C compiler: RuntimeError, ...).
+
+    * PyTorch already imported by the user, or Triton >= 3.8: the NVIDIA driver is created
+      directly. Going through Triton's own selection would run its AMD backend check, which
+      executes ``import torch`` (importing PyTorch if it is installed, or Paddle's proxy).
+    * Triton < 3.8 without PyTorch: its CUDA driver needs ``torch.cuda``; it gets Paddle's
+      proxy for the creation only (:func:`_paddle_torch_proxy`). The driver keeps the few
+      functions it took from it; the device and stream are pinned per launch anyway.
+    """
+    from triton.runtime import driver as _cfg
+
+    current = getattr(_cfg, "_active", None)
+    if current is not None:
+        return current
+    if not hasattr(_cfg, "set_active"):  # a Triton whose driver registry we do not know
+        with _paddle_torch_proxy() if "torch" not in sys.modules else contextlib.nullcontext():
+            return _cfg.active
+    from triton.backends import backends
+
+    nvidia = backends.get("nvidia")
+    if nvidia is not None and ("torch" in sys.modules or _torch_free_cuda_driver(nvidia)):
+        if nvidia.driver.is_active():
+            drv = nvidia.driver()
+            _cfg.set_active(drv)
+            if getattr(_cfg, "_default", _MISSING) is None:
+                _cfg._default = drv
+            return drv
+        return _cfg.active  # let Triton raise its own "0 active drivers" error
+    with _paddle_torch_proxy():
+        return _cfg.active
+
+
+def device_properties(device: int) -> dict:
+    """Triton's view of a GPU: ``{"arch": 90, "max_shared_mem": bytes, ...}``."""
+    drv = ensure_driver()
+    props = dict(drv.utils.get_device_properties(device))
+    try:
+        if int(drv.get_current_device()) == int(device):
+            props["arch"] = int(drv.get_current_target().arch)
+        else:
+            major, minor = drv.get_device_capability(device)
+            props["arch"] = int(major) * 10 + int(minor)
+    except AttributeError:
+        props["arch"] = int(drv.get_current_target().arch)
+    return props
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +271,15 @@ def raw_stream_handle(stream) -> int:
     raise TypeError(f"cannot read a raw CUDA stream handle from {stream!r}")
 
 
+def device_index(t) -> int:
+    """The GPU index of tensor ``t`` (0 for a CPU tensor: compile checks on the CPU)."""
+    if not is_gpu(t):
+        return 0
+    if framework_of(t) == "torch":
+        return int(t.device.index if t.device.index is not None else _torch().cuda.current_device())
+    return int(t.place.gpu_device_id())
+
+
 def device_and_stream(t) -> tuple[int, int]:
     """(device index, raw current stream) of the framework that owns tensor ``t``."""
     if framework_of(t) == "torch":
@@ -239,12 +320,6 @@ def pinned_launch_target(drv, device: int, stream: int):
                 drv.set_current_device(real_dev)
 
 
-def _active_driver():
-    from triton.runtime import driver
-
-    return driver.active
-
-
 def launch(kernel, grid, *args, _driver=None, **kwargs):
     """``kernel[grid](*args, **kwargs)`` on the device and current stream of the first tensor arg."""
     if interpreting():
@@ -253,7 +328,7 @@ def launch(kernel, grid, *args, _driver=None, **kwargs):
     if tensor is None:
         raise ValueError("launch needs at least one tensor argument")
     device, stream = device_and_stream(tensor)
-    drv = _driver if _driver is not None else _active_driver()
+    drv = _driver if _driver is not None else ensure_driver()
     with pinned_launch_target(drv, device, stream):
         return kernel[grid](*args, **kwargs)
 

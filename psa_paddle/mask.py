@@ -9,17 +9,12 @@ import math
 import numpy as np
 import paddle
 
-from .config import AttentionConfig
+from .config import AttentionConfig, ratio_intervals
 from .pyramid import pad_to_block
 
 
 def _intervals(cfg: AttentionConfig):
-    """Yield (level, lower, hi) with lower = max(lo, previous hi): intervals never overlap."""
-    prev_hi = None
-    for level, (lo, hi) in cfg.mask_ratios.items():
-        lower = lo if prev_hi is None else max(lo, prev_hi)
-        prev_hi = hi
-        yield level, lower, hi
+    return ratio_intervals(cfg.mask_ratios)
 
 
 def _unsort(sorted_vals: paddle.Tensor, order: paddle.Tensor) -> paddle.Tensor:

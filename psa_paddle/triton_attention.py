@@ -27,8 +27,9 @@ Three launches, none of which needs the host to look at device data:
 
 from __future__ import annotations
 
-
 from . import launch as _launch
+from . import tiles as _tiles
+from .config import block_from_levels_shape
 
 _launch.prepare_triton()
 
@@ -46,6 +47,20 @@ _LOG2E = 1.4426950408889634
 DEFAULT_TILES = {64: (128, 128, 64, 8, 3), 128: (128, 128, 64, 8, 3)}
 DENSE_TILES = {64: (128, 128, 64, 8, 3), 128: (128, 128, 64, 8, 3)}
 _INTERP_TILES = (64, 32, 32, 4, 1)
+# Hopper (sm_90) with TMA tensor descriptors for Q and the level-1 K/V tiles: 64x64 tiles, one
+# warpgroup, 3 stages won on an H200 both on the PSA mask and with every block at level 1
+# (bench/RESULTS.md, Runs 7 and 8). Used when ``use_tma`` resolves to True and no ``tiles`` are given.
+HOPPER_TMA_TILES = {64: (64, 64, 64, 4, 3), 128: (64, 64, 64, 4, 3)}
+# Triton's warp specialisation of the level-1 loop on the TMA path: Run 8's table ran with it; on
+# the H200 (Triton 3.6) it timed within run-to-run noise of the same kernel without it.
+HOPPER_WARP_SPECIALIZE = True
+# 6th element of ``tiles`` (optional): kernel variant
+_VARIANTS = ("plain", "tma", "tma_ws")
+
+try:  # Triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except Exception:  # pragma: no cover - older Triton: the plain path only
+    _TensorDescriptor = None
 
 
 # ============================================================================================
@@ -133,21 +148,64 @@ def _lut_kernel(LEV, LUT, CNT, slb, slh, slr, H, qb0, nQB, nKB, NP: tl.constexpr
 
 @triton.jit
 def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, LOG2R: tl.constexpr, mask, HAS_MASK: tl.constexpr):
-    """One online-softmax step over a key tile: logits*scale*log2e + log2(r)."""
+    """One online-softmax step over a key tile: logits*scale*log2e + log2(r).
+
+    Unmasked tiles take the row max of the raw scores (scale > 0, so max(x)*s == max(x*s)) and
+    fold scale, log2(r) and the new max into one multiply-add per logit.
+    """
     qk = tl.dot(q, tl.trans(k))
-    if LOG2R != 0.0:
-        qk = qk * qk_scale + LOG2R
-    else:
-        qk = qk * qk_scale
     if HAS_MASK:
+        if LOG2R != 0.0:
+            qk = qk * qk_scale + LOG2R
+        else:
+            qk = qk * qk_scale
         qk = tl.where(mask, qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + LOG2R)
+        p = tl.math.exp2(qk * qk_scale - (m_ij - LOG2R)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_ij, l_i
+
+
+@triton.jit
+def _level1_blocks(acc, m_i, l_i, q, lut, cnt, qblk, kbase, vbase, s_kn, s_vn, offs_d, qk_scale,
+                   desc_k, desc_v, kv_row0,
+                   BLK: tl.constexpr, TILE: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr):
+    """The level-1 key blocks below the diagonal (full resolution, no mask).
+
+    When every block below the diagonal is level 1 (``cnt == qblk``: the LUT is 0..qblk-1 in
+    order) the keys are walked as one contiguous range without reading the LUT, in the same
+    order, so the result is the same. With ``USE_TMA`` (Hopper) tiles come through tensor
+    descriptors over the flattened ``[B*Hkv*Lk, D]`` K and V (``kv_row0`` = this head's row 0).
+    """
+    SUB: tl.constexpr = BLK // TILE
+    offs_n = tl.arange(0, TILE)
+    if cnt == qblk:
+        for n0 in tl.range(0, qblk * BLK, TILE, warp_specialize=WS):
+            if USE_TMA:
+                k = desc_k.load([kv_row0 + n0, 0])
+                v = desc_v.load([kv_row0 + n0, 0])
+            else:
+                k = tl.load(kbase + (n0 + offs_n)[:, None] * s_kn + offs_d[None, :])
+                v = tl.load(vbase + (n0 + offs_n)[:, None] * s_vn + offs_d[None, :])
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0.0, None, False)
+    else:
+        for t in tl.range(0, cnt * SUB, warp_specialize=WS):
+            kb = tl.load(lut + t // SUB)
+            n0 = kb * BLK + (t % SUB) * TILE
+            if USE_TMA:
+                k = desc_k.load([kv_row0 + n0, 0])
+                v = desc_v.load([kv_row0 + n0, 0])
+            else:
+                k = tl.load(kbase + (n0 + offs_n)[:, None] * s_kn + offs_d[None, :])
+                v = tl.load(vbase + (n0 + offs_n)[:, None] * s_vn + offs_d[None, :])
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0.0, None, False)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -203,14 +261,15 @@ def _diag_block(acc, m_i, l_i, q, kbase, vbase, s_kn, s_vn, offs_d, offs_m, q_hi
 
 
 @triton.jit
-def _attn_kernel(Q, K, V, PK, PV, O, LEV, LUT, CNT,
+def _attn_kernel(Q, K, V, PK, PV, O, LEV, LUT, CNT, desc_q, desc_k, desc_v,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                  slb, slh, slr,
                  H, G, Lq, Lk, q_offset, qb0, nQB, nKB, NPYR, OFF4, OFF8, n_mtiles,
                  qk_scale,
                  D: tl.constexpr, BLK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  T2: tl.constexpr, T4: tl.constexpr, T8: tl.constexpr,
-                 DT1: tl.constexpr, DT2: tl.constexpr, DT4: tl.constexpr, DT8: tl.constexpr):
+                 DT1: tl.constexpr, DT2: tl.constexpr, DT4: tl.constexpr, DT8: tl.constexpr,
+                 USE_TMA: tl.constexpr = False, WS: tl.constexpr = False):
     mt = n_mtiles - 1 - tl.program_id(0)  # heaviest (latest) query tiles first
     bh = tl.program_id(1)
     b = bh // H
@@ -225,8 +284,12 @@ def _attn_kernel(Q, K, V, PK, PV, O, LEV, LUT, CNT,
     row_ok = (offs_m >= q_offset) & (offs_m < Lk)
     q_hi = tl.minimum(qs + BLOCK_M, Lk) - 1
 
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (offs_m - q_offset)[:, None] * sqm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if USE_TMA:
+        # rows outside [q_offset, Lk) read another head's rows or TMA's zero fill; never stored
+        q = desc_q.load([bh * Lq + qs - q_offset, 0])
+    else:
+        q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (offs_m - q_offset)[:, None] * sqm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
     kbase = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     vbase = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
@@ -249,8 +312,8 @@ def _attn_kernel(Q, K, V, PK, PV, O, LEV, LUT, CNT,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
 
-    acc, m_i, l_i = _level_blocks(acc, m_i, l_i, q, lut, c1, kbase, vbase, skn, svn, offs_d, qk_scale,
-                                  BLK, BLOCK_N, 0.0)
+    acc, m_i, l_i = _level1_blocks(acc, m_i, l_i, q, lut, c1, qblk, kbase, vbase, skn, svn, offs_d, qk_scale,
+                                   desc_k, desc_v, (b * (H // G) + hk) * Lk, BLK, BLOCK_N, USE_TMA, WS)
     acc, m_i, l_i = _level_blocks(acc, m_i, l_i, q, lut + c1, c2, pk2, pv2, D, D, offs_d, qk_scale,
                                   BLK // 2, T2, 1.0)
     acc, m_i, l_i = _level_blocks(acc, m_i, l_i, q, lut + c1 + c2, c4, pk4, pv4, D, D, offs_d, qk_scale,
@@ -287,23 +350,95 @@ def _pow2_at_least(n: int) -> int:
 
 
 def infer_block_size(Lk: int, q_offset: int, nQB: int, nKB: int) -> int:
-    """The block size the levels map was built with, from its shape.
-
-    The smallest power of two >= 16 with ``ceil(Lk/BLK) == nKB`` and
-    ``nKB - q_offset//BLK == nQB``. Unique except when ``nKB == 1``, where every such BLK
-    describes the same single block and gives the same result.
-    """
-    for e in range(4, 16):
-        blk = 1 << e
-        if -(-Lk // blk) == nKB and nKB - q_offset // blk == nQB:
-            return blk
-    raise ValueError(f"levels shape (nQB={nQB}, nKB={nKB}) fits no power-of-two block for Lk={Lk}, "
-                     f"q_offset={q_offset}")
+    """The block size the levels map was built with, from its shape (config's one rule)."""
+    return block_from_levels_shape(Lk, q_offset, nQB, nKB)
 
 
 def _check_pow2(name, x, lo=16):
     if x < lo or x & (x - 1):
         raise ValueError(f"{name} must be a power of two >= {lo}, got {x}")
+
+
+_CC_CACHE: dict = {}
+
+
+def _device_cc(t):
+    """(major, minor) compute capability of a GPU tensor's device, or None."""
+    try:
+        fw = _launch.framework_of(t)
+        if fw == "torch":
+            dev = t.device
+            if dev.type != "cuda":
+                return None
+            key = ("torch", dev.index)
+            if key not in _CC_CACHE:
+                _CC_CACHE[key] = tuple(_launch._torch().cuda.get_device_capability(dev))
+        else:
+            import paddle
+
+            place = t.place
+            if not place.is_gpu_place():
+                return None
+            idx = place.gpu_device_id()
+            key = ("paddle", idx)
+            if key not in _CC_CACHE:
+                _CC_CACHE[key] = tuple(paddle.device.cuda.get_device_capability(idx))
+        return _CC_CACHE[key]
+    except Exception:
+        return None
+
+
+class _DescDtype:
+    """What TensorDescriptor and Triton's binder read off ``base.dtype`` (Paddle dtypes lack itemsize)."""
+
+    def __init__(self, name, itemsize):
+        self.name, self.itemsize, self.is_floating_point = name, itemsize, True
+
+    def __str__(self):
+        return "dtype." + self.name
+
+
+class _DescBase:
+    def __init__(self, t):
+        self._ptr = int(t.data_ptr())
+        name = _launch.dtype_name(t)
+        self.dtype = _DescDtype(name, 4 if name == "float32" else 2)
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def _flat_desc(t, block_rows, D):
+    """A 2-D TMA descriptor over a contiguous ``[B, H, L, D]`` tensor viewed as ``[B*H*L, D]``."""
+    B, H, L, _ = (int(s) for s in t.shape)
+    base = t if _launch.framework_of(t) == "torch" else _DescBase(t)
+    return _TensorDescriptor(base, [B * H * L, D], [D, 1], [block_rows, D])
+
+
+def _tma_ok(*ts):
+    """Tensor descriptors need contiguous [B, H, L, D] tensors on 16-byte boundaries."""
+    if _TensorDescriptor is None:
+        return False
+    for t in ts:
+        B, H, L, D = (int(s) for s in t.shape)
+        if tuple(_launch.strides(t)) != (H * L * D, L * D, D, 1) or int(t.data_ptr()) % 16 or (D * 2) % 16:
+            return False
+    return True
+
+
+_TMA_BROKEN = None  # set (to the error) when a TMA launch failed in this process
+_TMA_OOR: set = set()  # tile settings whose TMA kernel ran out of shared memory
+
+
+def _want_tma(q, use_tma):
+    """use_tma None: on for compute capability 9.x (Hopper) outside the interpreter."""
+    if _launch.interpreting() or use_tma is False or _TMA_BROKEN is not None:
+        return False
+    cc = _device_cc(q)
+    if use_tma is None:
+        return cc is not None and cc[0] == 9
+    return cc is None or cc[0] >= 9
+
 
 
 def build_pyramid(k, v, block: int):
@@ -342,13 +477,20 @@ def build_level_lut(levels, q_offset: int, block: int):
 
 
 def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: int | None = None,
-                             tiles: tuple | None = None, out=None, _levels_all_one: bool = False):
+                             tiles: tuple | None = None, out=None, use_tma: bool | None = None,
+                             _levels_all_one: bool = False):
     """PSA step 5: ``out [B, Hq, Lq, D]`` (dtype of q), causal, levels per block pair.
 
     ``block_size`` defaults to the one ``levels``' shape implies (see :func:`infer_block_size`).
     ``tiles = (BLOCK_M, BLOCK_N, BLOCK_NP, num_warps, num_stages)`` overrides the defaults.
+    A 6th element of ``tiles`` picks the kernel variant: ``"plain"``, ``"tma"`` or ``"tma_ws"``
+    (TMA plus Triton's warp specialisation of the level-1 loop); a 7th, ``gather``, makes every
+    pooled level run in tiles of BLOCK_NP keys, gathering several blocks of levels 4 and 8 per tile.
     ``out``: optional preallocated ``[B, Hq, Lq, D]`` tensor of q's dtype to write into.
+    ``use_tma``: None (default) = TMA tensor descriptors on Hopper (compute capability 9.x) when
+    q, k, v are contiguous; False = never; True = whenever the inputs allow it.
     """
+    global _TMA_BROKEN
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or levels.ndim != 4:
         raise ValueError("q, k, v, levels must be 4-D")
     B, Hq, Lq, D = (int(s) for s in q.shape)
@@ -386,13 +528,26 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
     if _launch.strides(levels)[3] != 1:
         levels = levels.contiguous()
 
+    variant, gather = None, False
+    if tiles is not None and len(tiles) > 5:
+        variant = tiles[5]
+        gather = len(tiles) > 6 and bool(tiles[6])
+        if variant not in _VARIANTS:
+            raise ValueError(f"kernel variant {variant!r} not in {_VARIANTS}")
+        tiles = tuple(tiles[:5])
+        if variant != "plain" and use_tma is None:
+            use_tma = True
+    tma = (variant != "plain") and _want_tma(q, use_tma) and _tma_ok(q, k, v)
+    ws = tma and (variant == "tma_ws" or (variant is None and HOPPER_WARP_SPECIALIZE))
     if tiles is None:
-        tiles = _INTERP_TILES if _launch.interpreting() else DEFAULT_TILES.get(D, DEFAULT_TILES[128])
+        tiles = _tiles.attention_tiles(q, tma=tma)  # per GPU class (psa_paddle/tiles.py)
     bm, bn, bnp, warps, stages = tiles
     bm, bn = min(bm, blk), min(bn, blk)
     bnp = max(16, bnp)
 
     def pooled_tile(p):  # tile over pooled keys of one level (gathers blocks when p < tile)
+        if gather:  # always BLOCK_NP keys: levels with fewer keys per block gather several blocks
+            return bnp
         return min(bnp, p) if p >= 16 else 16
 
     t2, t4, t8 = pooled_tile(blk // 2), pooled_tile(blk // 4), pooled_tile(blk // 8)
@@ -413,18 +568,44 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
     qb0 = q_offset // blk
     n_mtiles = nQB * (blk // bm)
     sq, sk, sv, so, sl = (_launch.strides(t) for t in (q, k, v, out, levels))
-    _launch.launch(_attn_kernel, (n_mtiles, B * Hq), q, k, v, pk, pv, out, levels, lut, cnt,
-                   sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
-                   sl[0], sl[1], sl[2],
-                   Hq, Hq // Hkv, Lq, Lk, q_offset, qb0, nQB, nKB, npyr, off4, off8, n_mtiles,
-                   float(scale) * _LOG2E,
-                   D=D, BLK=blk, BLOCK_M=bm, BLOCK_N=bn, T2=t2, T4=t4, T8=t8,
-                   DT1=dt1, DT2=dt2, DT4=dt4, DT8=dt8,
-                   num_warps=warps, num_stages=stages)
+
+    def _go(tma_now):
+        if tma_now:
+            dq, dk, dv = _flat_desc(q, bm, D), _flat_desc(k, bn, D), _flat_desc(v, bn, D)
+        else:
+            dq = dk = dv = None
+        _launch.launch(_attn_kernel, (n_mtiles, B * Hq), q, k, v, pk, pv, out, levels, lut, cnt, dq, dk, dv,
+                       sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
+                       sl[0], sl[1], sl[2],
+                       Hq, Hq // Hkv, Lq, Lk, q_offset, qb0, nQB, nKB, npyr, off4, off8, n_mtiles,
+                       float(scale) * _LOG2E,
+                       D=D, BLK=blk, BLOCK_M=bm, BLOCK_N=bn, T2=t2, T4=t4, T8=t8,
+                       DT1=dt1, DT2=dt2, DT4=dt4, DT8=dt8, USE_TMA=tma_now, WS=ws and tma_now,
+                       num_warps=warps, num_stages=stages)
+
+    oor_key = (bm, bn, bnp, warps, stages, gather, D, blk, dt)
+    if tma and variant is None and oor_key in _TMA_OOR:
+        tma = False  # these tiles did not fit with TMA before: straight to the plain kernel
+    if tma and variant is None:
+        try:
+            _go(True)
+        except Exception as ex:  # a Triton without working descriptors here: the plain kernel, from now on
+            err = f"{type(ex).__name__}: {str(ex)[:300]}"
+            if type(ex).__name__ == "OutOfResources":  # these tiles only (e.g. tiles made for the plain path)
+                _TMA_OOR.add(oor_key)
+            else:
+                _TMA_BROKEN = err
+            import warnings
+
+            warnings.warn(f"PSA: the TMA attention kernel failed ({err}); using the plain kernel")
+            _go(False)
+    else:
+        _go(tma)  # an explicitly requested variant fails loudly
     return out
 
 
-def dense_attention_triton(q, k, v, q_offset, scale, *, block_size: int = 128, tiles: tuple | None = None):
+def dense_attention_triton(q, k, v, q_offset, scale, *, block_size: int = 128, tiles: tuple | None = None,
+                           use_tma: bool | None = None):
     """Dense causal attention through the same kernel: every block at level 1.
 
     Usable as the short-sequence fallback (no estimate, no pooled levels are read).
@@ -435,7 +616,7 @@ def dense_attention_triton(q, k, v, q_offset, scale, *, block_size: int = 128, t
     nQB = nKB - int(q_offset) // block_size
     levels = _launch.full(q, [B, Hq, nQB, nKB], 1, "int8")
     if tiles is None and not _launch.interpreting():
-        D = int(q.shape[3])
-        tiles = DENSE_TILES.get(D, DENSE_TILES[128])
+        tma = _want_tma(q, use_tma) and _tma_ok(q, k, v)
+        tiles = _tiles.attention_tiles(q, dense=True, tma=tma)  # per GPU class (psa_paddle/tiles.py)
     return pyramid_attention_triton(q, k, v, levels, q_offset, scale, block_size=block_size, tiles=tiles,
-                                    _levels_all_one=True)
+                                    use_tma=use_tma, _levels_all_one=True)

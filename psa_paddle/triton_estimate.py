@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 
 from . import launch as _launch
+from . import tiles as _tiles
+from .config import DEFAULT_MASK_RATIOS, ratio_intervals
 
 _launch.prepare_triton()
 
@@ -35,10 +37,14 @@ import triton.language as tl  # noqa: E402
 __all__ = ["estimate_levels_triton", "importance_triton", "similarity_cap_triton", "levels_from_importance_triton"]
 
 _LOG2E = 1.4426950408889634
-# (BM strided query rows, BN strided key rows, num_warps, num_stages); tuned on an H200
-DEFAULT_EST_TILES = (64, 128, 8, 3)
-_INTERP_EST_TILES = (32, 32, 4, 1)
-_DEFAULT_RATIOS = {1: (0.0, 0.6), 2: (0.6, 0.8), 4: (0.8, 0.9), 8: (0.9, 0.9), 0: (0.9, 1.0)}
+# (BM strided query rows, BN strided key rows, num_warps, num_stages[, passes[, variant]]); tuned on
+# an H200. variant: None = TMA loads on Hopper when the strided views are exact, "plain", "tma".
+# passes: 1 = one pass with a float32 scratch of per-(row, key block) log-sums (default), 2 = the
+# scratch-free two-pass kernel.
+DEFAULT_EST_TILES = (64, 128, 4, 4, 1)
+_INTERP_EST_TILES = (32, 32, 4, 1, 1)
+# bound on the one-pass scratch per launch; larger problems run in several launches over heads
+SCRATCH_BYTES = 256 << 20
 
 
 # ============================================================================================
@@ -87,6 +93,19 @@ def _strided_scores(qbase, kbase, sqm, skn, offs_i, offs_j, offs_d, q_offset, Lq
 
 
 @triton.jit
+def _strided_scores_tma(desc_q, desc_k, bhq, bhk, qrow, krow, S: tl.constexpr, D: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr):
+    """As :func:`_strided_scores` through TMA descriptors over ``[B*H, L/S, S*D]`` views: strided
+    row i's token ``i*S + u`` is column block u; rows outside a head's range are TMA's zero fill."""
+    a = tl.zeros([BM, BN], dtype=tl.float32)
+    for s in range(0, S):
+        qv = tl.reshape(desc_q.load([bhq, qrow, (S - 1 - s) * D]), (BM, D))
+        kv = tl.reshape(desc_k.load([bhk, krow, s * D]), (BN, D))
+        a = tl.dot(qv, tl.trans(kv), a)
+    return a
+
+
+@triton.jit
 def _importance_kernel(Q, K, IMP, sqb, sqh, sqm, skb, skh, skn,
                        H, G, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
                        D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -127,6 +146,72 @@ def _importance_kernel(Q, K, IMP, sqb, sqh, sqm, skb, skh, skn,
         ps = tl.sum(tl.reshape(p, (NBM, R, BN)), 1)
         ps = tl.sum(tl.reshape(ps, (NBM, NBN, R)), 2)
         kbs = jt * NBN + tl.arange(0, NBN)
+        ok = (qb_loc < nQB)[:, None] & (kbs < nKB)[None, :]
+        tl.store(imp_rows + kbs[None, :], ps, mask=ok)
+
+
+@triton.jit
+def _importance1_kernel(Q, K, IMP, SCR, desc_q, desc_k, sqb, sqh, sqm, skb, skh, skn,
+                        H, G, bh0, n_t, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
+                        D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        USE_TMA: tl.constexpr = False):
+    """One pass over the causal key tiles (the two-pass kernel above computes the scores twice).
+
+    Per strided query row i and key block kb it keeps the block's log2-sum-exp2 of the scores,
+    ``lse[i, kb] = m + log2(sum_{j in kb} exp2(x_ij - m))`` with m the tile's row max, in a
+    float32 scratch ``SCR [heads of this launch, n_t*BM, nKB]``, next to the online row
+    max/sum. After the loop the row's log-normaliser ``LSE_i`` is known and the program reads its
+    own scratch rows back: ``Imp[qb, kb] = sum_{i in qb} exp2(lse[i, kb] - LSE_i)``, which is the
+    same sum of softmax probabilities as the two-pass kernel.
+    """
+    t = n_t - 1 - tl.program_id(0)  # heaviest (latest) row tiles first
+    hh = tl.program_id(1)
+    bh = bh0 + hh
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    n_rows = nKB * R
+    row0 = qb0 * R
+    offs_i = row0 + t * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    qbase = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    kbase = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    i_hi = tl.minimum(row0 + (t + 1) * BM, n_rows) - 1
+    n_jt = i_hi // BN + 1
+    NBM: tl.constexpr = BM // R
+    NBN: tl.constexpr = BN // R
+    scr_rows = SCR + (hh.to(tl.int64) * n_t * BM + t * BM + tl.arange(0, BM))[:, None] * nKB
+
+    m_i = tl.zeros([BM], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    for jt in range(0, n_jt):
+        offs_j = jt * BN + tl.arange(0, BN)
+        if USE_TMA:
+            x = _strided_scores_tma(desc_q, desc_k, bh, b * (H // G) + hk, row0 + t * BM - q_offset // S, jt * BN,
+                                    S, D, BM, BN)
+        else:
+            x = _strided_scores(qbase, kbase, sqm, skn, offs_i, offs_j, offs_d, q_offset, Lq, Lk, S, BM, BN)
+        x = tl.where(offs_j[None, :] <= offs_i[:, None], x * qk_scale, float("-inf"))
+        m_t = tl.max(x, 1)
+        m_t = tl.where(m_t > -1.0e30, m_t, -1.0e30)  # rows with every key of the tile masked
+        p = tl.math.exp2(x - m_t[:, None])
+        sb = tl.sum(tl.reshape(p, (BM, NBN, R)), 2)  # [BM, NBN] block sums relative to m_t
+        m_new = tl.maximum(m_i, m_t)
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(sb, 1) * tl.math.exp2(m_t - m_new)
+        m_i = m_new
+        kbs = jt * NBN + tl.arange(0, NBN)
+        lse = tl.where(sb > 0.0, m_t[:, None] + tl.math.log2(sb), float("-inf"))
+        tl.store(scr_rows + kbs[None, :], lse, mask=(kbs < nKB)[None, :])
+    lse_row = m_i + tl.math.log2(l_i)
+    tl.debug_barrier()  # the scratch rows were written by other threads of this program
+
+    qb_loc = (row0 + t * BM) // R + tl.arange(0, NBM) - qb0  # importance row
+    imp_rows = IMP + (bh.to(tl.int64) * nQB + qb_loc)[:, None] * nKB
+    for jt in range(0, n_jt):
+        kbs = jt * NBN + tl.arange(0, NBN)
+        lse = tl.load(scr_rows + kbs[None, :], mask=(kbs < nKB)[None, :], other=float("-inf"))
+        p = tl.math.exp2(lse - lse_row[:, None])
+        ps = tl.sum(tl.reshape(p, (NBM, R, NBN)), 1)
         ok = (qb_loc < nQB)[:, None] & (kbs < nKB)[None, :]
         tl.store(imp_rows + kbs[None, :], ps, mask=ok)
 
@@ -220,25 +305,11 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def _cfg(cfg, name, default):
-    return getattr(cfg, name, default) if cfg is not None else default
-
-
 def _ratio_table(ratios, topk: bool):
-    """[(level, lower, hi)] in insertion order with lower = max(lo, previous hi) (no overlaps)."""
-    items = list(dict(ratios).items())
-    if len(items) > 5:
+    """[(level, lower, hi)]: the config's one interval rule (at most 5 entries)."""
+    out = list(ratio_intervals(ratios))
+    if len(out) > 5:
         raise ValueError("at most 5 mask_ratios entries are supported")
-    out, prev_hi = [], None
-    for lev, (lo, hi) in items:
-        lev = int(lev)
-        if lev not in (0, 1, 2, 4, 8):
-            raise ValueError(f"level {lev} not in (0, 1, 2, 4, 8)")
-        lo, hi = float(lo), float(hi)
-        if prev_hi is not None:
-            lo = max(lo, prev_hi)
-        out.append((lev, lo, hi))
-        prev_hi = hi
     return out
 
 
@@ -255,7 +326,13 @@ def similarity_cap_triton(k, block: int, thresholds=(0.75, 0.7, 0.7)):
 
 
 def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=None):
-    """``importance float32 [B, Hq, nQB, nKB]`` (step 1), fused two-pass antidiagonal scoring."""
+    """``importance float32 [B, Hq, nQB, nKB]`` (step 1), fused antidiagonal scoring.
+
+    ``tiles = (BM, BN, num_warps, num_stages[, passes])``; passes 1 (default tiles) or 2 (also what
+    a 4-tuple means). Without explicit tiles, a one-pass kernel that fails to build falls back to two.
+    """
+    global _ONE_PASS_BROKEN, _EST_TMA_BROKEN
+    explicit = tiles is not None
     B, Hq, Lq, D = (int(s) for s in q.shape)
     _, Hkv, Lk, _ = (int(s) for s in k.shape)
     if block % stride or (block // stride) & (block // stride - 1):
@@ -265,16 +342,81 @@ def importance_triton(q, k, block: int, stride: int, q_offset: int, *, tiles=Non
     qb0 = q_offset // block
     nQB = nKB - qb0
     if tiles is None:
-        tiles = _INTERP_EST_TILES if _launch.interpreting() else DEFAULT_EST_TILES
-    bm, bn, warps, stages = tiles
+        tiles = _tiles.estimate_tiles(q)  # per GPU class (psa_paddle/tiles.py)
+    bm, bn, warps, stages = tiles[:4]
+    passes = int(tiles[4]) if len(tiles) > 4 else 2
+    variant = tiles[5] if len(tiles) > 5 else None
+    if variant not in (None, "plain", "tma"):
+        raise ValueError(f"estimate variant {variant!r} not in ('plain', 'tma')")
     bm, bn = max(bm, R, 16), max(bn, R, 16)
-    imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")
     sq, sk = _launch.strides(q), _launch.strides(k)
     n_t = -(-(nQB * R) // bm)
     qk_scale = _LOG2E / math.sqrt(D) / stride
+    if passes == 1 and _ONE_PASS_BROKEN is None:
+        tma = _est_tma(q, k, stride, q_offset, variant) and _EST_TMA_BROKEN is None
+        for use_tma in ((True, False) if tma else (False,)):
+            try:
+                return _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t,
+                                            qk_scale, sq, sk, bm, bn, warps, stages, use_tma)
+            except Exception as ex:  # a Triton that cannot build it: the next kernel, from now on
+                if explicit:
+                    raise
+                if type(ex).__name__ != "OutOfResources":
+                    err = f"{type(ex).__name__}: {str(ex)[:300]}"
+                    if use_tma:
+                        _EST_TMA_BROKEN = err
+                    else:
+                        _ONE_PASS_BROKEN = err
+                import warnings
+
+                warnings.warn(f"PSA: the one-pass importance kernel (tma={use_tma}) failed ({type(ex).__name__}); "
+                              "falling back")
+    imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")
     _launch.launch(_importance_kernel, (n_t, B * Hq), q, k, imp, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
                    Hq, Hq // Hkv, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
                    D=D, S=stride, R=R, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+    return imp
+
+
+_ONE_PASS_BROKEN = None  # set (to the error) when the one-pass kernel failed to build in this process
+_EST_TMA_BROKEN = None  # the same for its TMA variant
+
+
+def _est_tma(q, k, S, q_offset, variant):
+    """TMA loads for the one-pass kernel: Hopper (auto) or asked for, contiguous q/k, and the
+    strided views exact (Lq, Lk, q_offset multiples of the stride)."""
+    from . import triton_attention as _ta
+
+    if variant == "plain" or _launch.interpreting() or _ta._TensorDescriptor is None:
+        return False
+    if variant is None and not _ta._want_tma(q, None):
+        return False
+    Lq, Lk = int(q.shape[2]), int(k.shape[2])
+    return Lq % S == 0 and Lk % S == 0 and q_offset % S == 0 and _ta._tma_ok(q, k)
+
+
+def _strided_desc(t, S, rows):
+    """3-D descriptor over a contiguous ``[B, H, L, D]`` tensor viewed as ``[B*H, L/S, S*D]``."""
+    from . import triton_attention as _ta
+
+    B, H, L, D = (int(x) for x in t.shape)
+    base = t if _launch.framework_of(t) == "torch" else _ta._DescBase(t)
+    return _ta._TensorDescriptor(base, [B * H, L // S, S * D], [L * D, S * D, 1], [1, rows, D])
+
+
+def _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t, qk_scale, sq, sk,
+                         bm, bn, warps, stages, tma=False):
+    imp = _launch.zeros(q, [B, Hq, nQB, nKB], "float32")  # blocks past a row tile's last key tile stay 0
+    per_head = n_t * bm * nKB * 4
+    chunk = max(1, min(B * Hq, SCRATCH_BYTES // per_head))
+    scr = _launch.empty(q, [chunk * n_t * bm, nKB], "float32")
+    for bh0 in range(0, B * Hq, chunk):
+        nh = min(chunk, B * Hq - bh0)
+        dq = _strided_desc(q, stride, bm) if tma else None
+        dk = _strided_desc(k, stride, bn) if tma else None
+        _launch.launch(_importance1_kernel, (n_t, nh), q, k, imp, scr, dq, dk, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
+                       Hq, Hq // Hkv, bh0, n_t, Lq, Lk, q_offset, qb0, nQB, nKB, qk_scale,
+                       D=D, S=stride, R=R, BM=bm, BN=bn, USE_TMA=tma, num_warps=warps, num_stages=stages)
     return imp
 
 
@@ -297,14 +439,17 @@ def _topk_cuts(like, table, nKB):
     return t
 
 
+LEVELS_WARPS = 4  # warps of the per-row sort-and-assign kernel
+
+
 def levels_from_importance_triton(imp, cap, q_offset: int, block: int, *, text_length=512, mask_mode="energybound",
-                                  mask_ratios=None, n_kv_heads=None):
+                                  mask_ratios=None, n_kv_heads=None, num_warps=None):
     """``levels int8 [B, Hq, nQB, nKB]`` (steps 2-4) from importance and the optional cap."""
     B, Hq, nQB, nKB = (int(s) for s in imp.shape)
     if mask_mode not in ("energybound", "topk"):
         raise ValueError(f"unknown mask_mode {mask_mode!r}")
     topk = mask_mode == "topk"
-    table = _ratio_table(mask_ratios if mask_ratios is not None else _DEFAULT_RATIOS, topk)
+    table = _ratio_table(mask_ratios if mask_ratios is not None else DEFAULT_MASK_RATIOS, topk)
     nr = len(table)
     table = table + [(0, 0.0, 0.0)] * (5 - nr)
     vals = {}
@@ -320,15 +465,15 @@ def levels_from_importance_triton(imp, cap, q_offset: int, block: int, *, text_l
                    vals["lo0"], vals["hi0"], vals["lo1"], vals["hi1"], vals["lo2"], vals["hi2"],
                    vals["lo3"], vals["hi3"], vals["lo4"], vals["hi4"],
                    V0=vals["V0"], V1=vals["V1"], V2=vals["V2"], V3=vals["V3"], V4=vals["V4"],
-                   NR=nr, TOPK=topk, USE_CAP=use_cap, NP=max(16, _pow2_at_least(nKB)), num_warps=4)
+                   NR=nr, TOPK=topk, USE_CAP=use_cap, NP=max(16, _pow2_at_least(nKB)),
+                   num_warps=num_warps or LEVELS_WARPS)
     return lev
 
 
 def estimate_levels_triton(q, k, cfg, q_offset, *, tiles=None):
     """PSA steps 1-4 -> ``(levels int8 [B, Hq, nQB, nKB], importance float32 [B, Hq, nQB, nKB])``.
 
-    ``cfg`` is an ``AttentionConfig`` (duck-typed: query_block, xattn_stride, mask_mode,
-    mask_ratios, text_length, sim_2x/4x/8x_threshold, use_sim_cap).
+    ``cfg`` is the caller's ``AttentionConfig``: the one source of the PSA settings.
     """
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError("q and k must be 4-D")
@@ -339,8 +484,8 @@ def estimate_levels_triton(q, k, cfg, q_offset, *, tiles=None):
     q_offset = int(q_offset)
     if q_offset < 0 or q_offset + Lq != Lk:
         raise ValueError(f"need q_offset = Lk - Lq >= 0, got q_offset={q_offset}, Lq={Lq}, Lk={Lk}")
-    block = int(_cfg(cfg, "query_block", 128))
-    stride = int(_cfg(cfg, "xattn_stride", 16))
+    block = int(cfg.query_block)
+    stride = int(cfg.xattn_stride)
     if block < 16 or block & (block - 1):
         raise ValueError(f"query_block must be a power of two >= 16, got {block}")
     if D < 16 or D & (D - 1):
@@ -350,15 +495,14 @@ def estimate_levels_triton(q, k, cfg, q_offset, *, tiles=None):
 
     imp = importance_triton(q, k, block, stride, q_offset, tiles=tiles)
     cap = None
-    if bool(_cfg(cfg, "use_sim_cap", True)):
-        th = (_cfg(cfg, "sim_2x_threshold", 0.75), _cfg(cfg, "sim_4x_threshold", 0.7),
-              _cfg(cfg, "sim_8x_threshold", 0.7))
+    if cfg.use_sim_cap:
+        th = (cfg.sim_2x_threshold, cfg.sim_4x_threshold, cfg.sim_8x_threshold)
         cap = similarity_cap_triton(k, block, th)
     lev = levels_from_importance_triton(
         imp, cap, q_offset, block,
-        text_length=_cfg(cfg, "text_length", 512),
-        mask_mode=_cfg(cfg, "mask_mode", "energybound"),
-        mask_ratios=_cfg(cfg, "mask_ratios", None),
+        text_length=cfg.text_length,
+        mask_mode=cfg.mask_mode,
+        mask_ratios=cfg.mask_ratios,
         n_kv_heads=Hkv,
     )
     return lev, imp

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         description="Describe images and videos with Qwen2.5-VL on PaddlePaddle (PSA sparse prefill optional).",
         epilog="Try it without a download: python -m qwen_vl_psa.tiny_checkpoint tiny && "
-               "python infer_qwen2_5_vl_psa.py --model tiny --type image --input photo.jpg")
+               "python infer_qwen2_5_vl_psa.py --model tiny --type image --input photo.jpg. "
+               "Serve it to OpenAI clients: infer_qwen2_5_vl_psa.py serve --model DIR_OR_ID (serve --help)")
     ap.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"hub id or local folder in the Hugging Face layout (default {DEFAULT_MODEL})")
     ap.add_argument("--hub", default="huggingface", choices=HUBS, help="where hub ids are downloaded from")
@@ -172,6 +173,11 @@ def run_cli(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # `qwen-vl-psa serve ...`: the OpenAI-compatible server (server.py)
+        from .server import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")

@@ -13,7 +13,9 @@ The public steps behind every entry point (single calls, sessions, corpus mode) 
     ans = m.answer(prompt.embeds, positions, m.new_cache(), prompt.ids, opts, stream, t_start)
     stats = m.collect_stats(prompt.ids, media.timings, {...}, prompt.vision_s, ans, media.info)
 
-`ask(media, question, **gen)` runs them in order for one cold question.
+`ask(media, question, **gen)` runs them in order for one cold question; `ask_text(media, text)` does
+the same for a prompt the caller rendered with the chat template (the server's conversations). A
+stream callback may raise generation.StopGeneration to end an answer early (stop strings, cancel).
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import paddle
 from paddleformers.transformers.cache_utils import DynamicCache
 
+from psa_paddle import warmup as psa_warmup
+from psa_paddle.versions import paddle_problem
+
 from . import cpu_limits
-from .errors import InputError
+from .errors import InputError, ModelLoadError
 from .generation import TextStream, Timer, decode, prefill
 from .loading import (
     DEFAULT_MODEL,
@@ -37,7 +42,6 @@ from .loading import (
     quiet_libraries,
     resolve_model_dir,
     stop_token_ids,
-    writable_model_dir,
 )
 from .media import Video, load_image, load_video
 from .options import DEFAULT_FPS, GenerationOptions, check_prompt
@@ -54,7 +58,7 @@ class Answer:
     """One generated answer and its timings."""
     text: str
     token_ids: List[int]  # without the stop token
-    stopped_by: str  # "eos" or "max_tokens"
+    stopped_by: str  # "eos", "max_tokens", or the reason of a generation.StopGeneration
     rope_deltas: Any  # continues the mrope positions for text after the prompt
     prefill_s: float
     decode_s: float
@@ -73,18 +77,22 @@ class QwenVLInference:
         self.cache_dir = cache_dir
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         quiet_libraries(verbose)
+        problem = paddle_problem(paddle)
+        if problem:
+            raise ModelLoadError(problem)
         with Timer() as t:
             self.device, self.dtype = pick_device_and_dtype(dtype, self._warn)
             path = resolve_model_dir(model_name, cache_dir, hub)
             self.model_dir = path
-            self.model, self.processor = load_model_and_processor(writable_model_dir(path, cache_dir),
-                                                                  self.dtype, self.device)
+            self.model, self.processor = load_model_and_processor(path, self.dtype, self.device)
         self.model_name = model_name
         self.prompts = PromptBuilder(self.model, self.processor, self.dtype)
         self.tokenizer = self.processor.tokenizer
         self.stop_ids = stop_token_ids(path, self.model, self.tokenizer)
         self.max_context = self.prompts.max_context
         self.load_s = t.s
+        self.psa_warmup_s = 0.0  # Triton kernel compilation at load (PSA on, GPU), not in any TTFT
+        self._psa_warm = False
         self.stats: dict = {}
         self.last_token_ids: List[int] = []
         # The router is in place even without PSA: it gives prefill that continues a cache the
@@ -105,7 +113,15 @@ class QwenVLInference:
         return self.attention if self.attention.config is not None else None
 
     def enable_psa(self, psa_config=None):
-        apply_psa(self.model, psa_config)
+        state = apply_psa(self.model, psa_config)
+        if not self._psa_warm:
+            # once per process: compile PSA's kernels for this model now, not in the first prefill
+            tc = self.model.config.text_config
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            self.psa_warmup_s = psa_warmup(tc.num_attention_heads, tc.num_key_value_heads, head_dim, self.dtype,
+                                           state.config)
+            self.load_s += self.psa_warmup_s
+            self._psa_warm = True
 
     def disable_psa(self):
         self.attention.config = None
@@ -225,9 +241,15 @@ class QwenVLInference:
     def ask(self, media: MediaInput, question: str, *, stream: Stream = False, **gen) -> str:
         """One question, cold: the whole prompt prefilled into a fresh cache."""
         check_prompt(question)
+        return self.ask_text(media, self.prompts.chat_text(media.with_question(question)), stream=stream, **gen)
+
+    def ask_text(self, media: MediaInput, text: str, *, stream: Stream = False, **gen) -> str:
+        """ask() for a prompt already rendered with the chat template (a whole conversation, a
+        system turn of its own: what the server builds), its media placeholders in `media`'s order.
+        media may be MediaInput([], {}) for a text-only prompt."""
         opts = self.start_call(gen)
         t_start = time.perf_counter()
-        prompt = self.prompts.prepare(self.prompts.chat_text(media.with_question(question)), media.processor_kwargs)
+        prompt = self.prompts.prepare(text, media.processor_kwargs)
         self.prompts.encode_media(prompt)
         self.attention.reset()
         cache = self.new_cache()
@@ -261,6 +283,7 @@ class QwenVLInference:
         stats = {
             "model": self.model_name, "device": self.device, "dtype": self.dtype,
             "model_load_s": self.load_s,
+            "psa_warmup_s": self.psa_warmup_s,
             "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
             "vision_encoder_s": vis_s,
             "prefill_s": ans.prefill_s,

@@ -14,6 +14,17 @@ import paddle
 from .options import GenerationOptions
 
 
+class StopGeneration(Exception):
+    """Raised by a stream callback to end the answer early: decoding stops after the token just
+    streamed, and the answer (the tokens so far) is returned with stopped_by = `reason`
+    (e.g. "stop" for a stop string, "cancelled" for a client that went away). The callback is not
+    called again for that answer."""
+
+    def __init__(self, reason: str = "cancelled"):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def synchronize():
     """Wait for queued device work, so host clocks measure it (no-op on CPU)."""
     if paddle.device.get_device().startswith("gpu"):
@@ -85,7 +96,10 @@ class TextStream:
 
     def end(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self._emit(text)
+        try:
+            self._emit(text)
+        except StopGeneration:  # the held-back rest hit a stop: the answer is over anyway
+            pass
         return text
 
     def _emit(self, text: str):
@@ -96,9 +110,10 @@ class TextStream:
 
 def mrope_decode_positions(cache_len: int, rope_deltas: paddle.Tensor, n: int = 1) -> paddle.Tensor:
     """Positions [3, B, n] of n new text tokens after cache_len cached ones (all three axes equal)."""
+    deltas = rope_deltas.astype("int64").reshape([-1])  # [B]; a text-only prompt's is 0-d
     pos = paddle.arange(cache_len, cache_len + n, dtype="int64").reshape([1, 1, n])
-    pos = pos + rope_deltas.astype("int64").reshape([1, -1, 1])
-    return pos.expand([3, rope_deltas.shape[0], n])
+    pos = pos + deltas.reshape([1, -1, 1])
+    return pos.expand([3, deltas.shape[0], n])
 
 
 @dataclass
@@ -107,7 +122,7 @@ class GenerationResult:
     text: str
     prefill_s: float
     decode_s: float
-    stopped_by: str  # "eos" or "max_tokens"
+    stopped_by: str  # "eos", "max_tokens", or a StopGeneration reason
 
 
 def prefill(model, inputs_embeds, position_ids, cache) -> paddle.Tensor:
@@ -119,7 +134,8 @@ def prefill(model, inputs_embeds, position_ids, cache) -> paddle.Tensor:
 
 def decode(model, first_logits, cache, rope_deltas, stop_ids, opts: GenerationOptions,
            stream: TextStream, seen: List[int]) -> (List[int], str):
-    """Sample from first_logits, then feed one token at a time until a stop id or max_tokens."""
+    """Sample from first_logits, then feed one token at a time until a stop id or max_tokens (or
+    the stream callback raises StopGeneration)."""
     sampler = Sampler(opts)
     logits, out_ids, stopped_by = first_logits, [], "max_tokens"
     embed = model.get_input_embeddings()
@@ -129,7 +145,12 @@ def decode(model, first_logits, cache, rope_deltas, stop_ids, opts: GenerationOp
             stopped_by = "eos"
             break
         out_ids.append(tok)
-        stream.put(tok)
+        try:
+            stream.put(tok)
+        except StopGeneration as stop:
+            stream.callback = None  # the text so far is the answer; end() must not call back again
+            stopped_by = stop.reason
+            break
         if len(out_ids) >= opts.max_tokens:
             break
         pos = mrope_decode_positions(cache.get_seq_length(), rope_deltas)

@@ -62,33 +62,13 @@ def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
 
 
 def check_model_dir(path: str):
-    names = set(os.listdir(path))
-    if "config.json" not in names:
-        raise ModelLoadError(f"model folder {path} has no config.json: point --model at a Qwen2.5-VL checkpoint "
-                             "folder in the Hugging Face layout")
-    if not any(n.endswith(".safetensors") for n in names):
+    """The quick checks, before Paddle is imported: a config of the right architecture, weights."""
+    from .checkpoint import check_architecture, read_config
+
+    check_architecture(path, read_config(path))
+    if not any(n.endswith(".safetensors") for n in os.listdir(path)):
         raise ModelLoadError(f"model folder {path} has no *.safetensors weights: download the checkpoint "
                              "completely (or run python -m qwen_vl_psa.tiny_checkpoint DIR to try without one)")
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from e
-    if model_type != "qwen2_5_vl":
-        raise ModelLoadError(f"model folder {path} holds a {model_type!r} model, not qwen2_5_vl")
-
-
-def writable_model_dir(path: str, cache_dir: str) -> str:
-    """paddleformers writes a metadata file next to the weights; mirror read-only folders by links."""
-    if os.access(path, os.W_OK):
-        return path
-    mirror = os.path.join(cache_dir, "mirrors", os.path.abspath(path).strip("/").replace("/", "__"))
-    os.makedirs(mirror, exist_ok=True)
-    for name in os.listdir(path):
-        link = os.path.join(mirror, name)
-        if not os.path.lexists(link):
-            os.symlink(os.path.join(os.path.abspath(path), name), link)
-    return mirror
 
 
 def quiet_imports():
@@ -114,23 +94,53 @@ def quiet_libraries(verbose: bool):
             logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
-def load_model_and_processor(path: str, dtype: str, device: str):
-    import paddle
-    from paddleformers.transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+# paddleformers' fused kernels that the Qwen2.5-VL path can turn on, and the dtypes Paddle 3.3
+# registers each one's GPU kernel for (none has a CPU kernel). fuse_rms_norm is on unless told
+# otherwise (paddleformers/nn/norm.py); Paddle registers the GPU fused_rms_norm_ext for float32,
+# float64 and bfloat16 only, so float16 must take the unfused RMSNorm. fuse_swiglu is off by
+# default and stays off (its gain is small here; one less kernel to trust per dtype).
+FUSED_OPS_GPU_DTYPES = {
+    "fuse_rms_norm": ("float32", "float64", "bfloat16"),
+    "fuse_swiglu": (),
+}
 
-    cfg = Qwen2_5_VLConfig.from_pretrained(path)
-    if device == "cpu":  # the fused RMSNorm kernel exists only for GPUs
-        for c in (cfg, cfg.text_config, cfg.vision_config):
-            c.fuse_rms_norm = False
-    attn = "sdpa" if device == "gpu" else "eager"
+
+def model_overrides(device: str, dtype: str) -> dict:
+    """Config values for the model, its text and its vision config, on this device and dtype:
+    each fused op only where its kernel exists; sdpa attention on a GPU, eager on a CPU."""
+    out = {name: device == "gpu" and dtype in dtypes for name, dtypes in FUSED_OPS_GPU_DTYPES.items()}
+    out["_attn_implementation"] = "sdpa" if device == "gpu" else "eager"
+    return out
+
+
+def configure_model(cfg, device: str, dtype: str):
+    """Apply model_overrides to a Qwen2_5_VLConfig and both of its sub-configs; returns cfg."""
     for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = attn
+        for name, value in model_overrides(device, dtype).items():
+            setattr(c, name, value)
+    return cfg
+
+
+def load_model_and_processor(path: str, dtype: str, device: str):
+    """Any checkpoint layout (see checkpoint.py), read-only: nothing is written to `path`."""
+    import paddle
+    from paddleformers.transformers import AutoProcessor
+
+    from .checkpoint import build_model, inspect_checkpoint, paddle_config
+
+    ckpt = inspect_checkpoint(path)
+    cfg = configure_model(paddle_config(ckpt), device, dtype)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=cfg, convert_from_hf=True,
-                                                                   dtype=dtype)
+        model = build_model(ckpt, cfg, dtype)
         # use_fast=False: the slow processor resizes with PIL bicubic, as the model was trained.
         processor = AutoProcessor.from_pretrained(path, use_fast=False)
-    except (OSError, ValueError, KeyError) as e:
+    except ModelLoadError:
+        raise
+    except MemoryError:
+        raise ModelLoadError(f"not enough memory to load the model in {path} ({ckpt.nbytes / 2**30:.1f} GiB of "
+                             f"weights in the files, as {dtype} on the {device}): use a smaller model or a machine "
+                             "with more memory") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {str(e)[:300]}") from e
     model.eval()
     paddle.set_grad_enabled(False)
@@ -143,8 +153,10 @@ def stop_token_ids(path: str, model, tokenizer) -> List[int]:
     for name in ("generation_config.json", "config.json"):
         try:
             with open(os.path.join(path, name)) as f:
-                eos = json.load(f).get("eos_token_id")
-        except (OSError, json.JSONDecodeError):
+                cfg = json.load(f)
+            # transformers 5 keeps it only in the nested text_config
+            eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
+        except (OSError, json.JSONDecodeError, AttributeError):
             continue
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     for tok in ("<|im_end|>", "<|endoftext|>"):

@@ -22,7 +22,7 @@ import paddle
 import paddle.nn.functional as F
 from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from psa_paddle import AttentionConfig, PSAStats, psa_attention
+from psa_paddle import AttentionConfig, PSAStats, psa_attention, triton_off_reason
 
 ROUTER = "qwen_vl_psa_router"
 
@@ -60,6 +60,7 @@ class PSAState:
             "mask_s": s["t_mask"],
             "attention_s": s["t_attention"],
             "min_seq_len": self.config.min_seq_len if self.config else None,
+            "triton_off": triton_off_reason(),  # why the GPU fell back to dense attention, if it did
         }
 
 

@@ -30,7 +30,8 @@ def format_stats(s: dict) -> str:
     lines = [
         "---- stats ----",
         f"model           {s['model']} on {s['device']} ({s['dtype']})",
-        f"model load      {s['model_load_s']:.2f} s",
+        f"model load      {s['model_load_s']:.2f} s"
+        + (f"  (PSA kernel compilation {s['psa_warmup_s']:.2f} s)" if s.get("psa_warmup_s") else ""),
         f"preprocess      {s['preprocess_s']:.3f} s  ({', '.join(f'{k} {v:.3f}' for k, v in s['preprocess'].items())})",
         f"vision encoder  {s['vision_encoder_s']:.3f} s" + ("  (media reused)" if s.get("reuse", {}).get("hit")
                                                           else ""),

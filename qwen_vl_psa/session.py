@@ -79,8 +79,25 @@ class MediaSession:
     def ask(self, question: str, *, stream: Union[bool, Callable[[str], None]] = False, **gen) -> str:
         """Answer one question about the session's media; generation options as inference_video."""
         self._check_open()
-        m = self.model
         check_prompt(question)
+        return self._ask(question, question + self._parts.question_tail, stream, gen)
+
+    @property
+    def prefix_text(self) -> str:
+        """The chat-template text the cached prefix stands for (system turn, user header, media)."""
+        return self._parts.prefix
+
+    def ask_text(self, text: str, *, stream: Union[bool, Callable[[str], None]] = False, **gen) -> str:
+        """Independent sessions: answer the prompt `prefix_text + text`, where `text` is chat-template
+        text the caller rendered (e.g. the question and later turns of a whole conversation, as the
+        server does); the prefix is reused as by ask()."""
+        if self.conversation:
+            raise InputError("ask_text is for independent sessions: a conversation session renders its own turns")
+        return self._ask(text, text, stream, gen)
+
+    def _ask(self, question: str, suffix: str, stream, gen: dict) -> str:
+        self._check_open()
+        m = self.model
         opts = m.start_call(gen)
         t_start = time.perf_counter()
         with self._attention(self._psa_config):
@@ -89,7 +106,7 @@ class MediaSession:
             if first:
                 self._fill_prefix()
             with Timer() as t_tok:
-                prompt_ids, start = self._prompt_for(question)
+                prompt_ids, start = self._prompt_for(question, suffix)
             if len(prompt_ids) + 1 > m.max_context:
                 raise InputError(self._too_long(prompt_ids))
             embeds, positions = self._new_inputs(prompt_ids, start)
@@ -129,11 +146,12 @@ class MediaSession:
         p.embeds = None
         self._cache = cache
 
-    def _prompt_for(self, question: str) -> (List[int], int):
-        """The question's whole prompt ids, and how many of them the cache already holds."""
+    def _prompt_for(self, question: str, suffix: str) -> (List[int], int):
+        """The question's whole prompt ids, and how many of them the cache already holds.
+        suffix: the text after the prefix of a first (or independent) question."""
         tok = self.model.tokenizer
         if not self.conversation or not self._cache_ids:
-            ids = self.prefix_ids + tok(question + self._parts.question_tail, add_special_tokens=False)["input_ids"]
+            ids = self.prefix_ids + tok(suffix, add_special_tokens=False)["input_ids"]
             return ids, self.cached_tokens
         # the previous answer's stop token was not fed: the turn separator starts with <|im_end|>
         text = self._parts.turn_separator + question + self._parts.question_tail

@@ -1,12 +1,26 @@
-"""Write a randomly initialised, tiny Qwen2.5-VL in the official Hugging Face layout.
+"""Write a randomly initialised, tiny Qwen2.5-VL in any of the layouts checkpoints come in.
 
     python -m qwen_vl_psa.tiny_checkpoint DIR [--seed 0] [--layers 2] [--hidden 64]
+        [--layout hub|transformers4|transformers5] [--tie | --no-tie]
+        [--dtype float32|bfloat16|float16] [--single-file]
 
-DIR then holds what a downloaded Qwen/Qwen2.5-VL-*-Instruct folder holds: config.json in the
-published format, sharded safetensors with an index (hub key names, torch orientation), a small
-but real byte-level BPE tokenizer with Qwen's special tokens and chat template, and the
+With the defaults DIR holds what a downloaded Qwen/Qwen2.5-VL-*-Instruct folder holds: config.json
+in the published format, sharded safetensors with an index (hub key names, torch orientation), a
+small but real byte-level BPE tokenizer with Qwen's special tokens and chat template, and the
 preprocessor config. Its answers are gibberish; every code path (vision encoder, mrope positions,
 KV cache, PSA) runs exactly as with the real model, in well under a second on a CPU.
+
+The same seed gives the same weights in every layout, so the layouts can be compared:
+  hub            the official repos: flat config with rope_scaling mrope, tensors model.* / visual.*,
+                 chat_template.json and preprocessor_config.json
+  transformers4  saved by transformers 4.52 - 4.57 (most fine-tunes): the flat config plus nested
+                 text_config, tensors model.language_model.* / model.visual.* / lm_head.*,
+                 chat_template.jinja, preprocessor_config.json and video_preprocessor_config.json
+  transformers5  saved by transformers 5: nested text_config / vision_config, rope_parameters,
+                 tie_word_embeddings only at the top, processor_config.json, chat_template.jinja,
+                 tokenizer.json without vocab.json / merges.txt
+--tie drops lm_head.weight and ties the output layer to the embeddings (as Qwen2.5-VL-3B does);
+--dtype is the tensors' type in the files; --single-file writes one model.safetensors, no index.
 """
 import argparse
 import json
@@ -71,15 +85,16 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def write_tokenizer(tok, out_dir: str):
+def write_tokenizer(tok, out_dir: str, layout: str = "hub"):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     model = json.loads(tok.to_str())["model"]
-    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
-        json.dump(model["vocab"], f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-        for merge in model["merges"]:
-            f.write((merge if isinstance(merge, str) else " ".join(merge)) + "\n")
+    if layout != "transformers5":  # transformers 5 saves tokenizer.json only
+        with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+            json.dump(model["vocab"], f, ensure_ascii=False)
+        with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+            for merge in model["merges"]:
+                f.write((merge if isinstance(merge, str) else " ".join(merge)) + "\n")
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                        "single_word": False, "special": True} for t in SPECIAL_TOKENS}
     tok_cfg = {
@@ -94,10 +109,15 @@ def write_tokenizer(tok, out_dir: str):
         "split_special_tokens": False,
         "clean_up_tokenization_spaces": False,
         "tokenizer_class": "Qwen2Tokenizer",
-        "chat_template": CHAT_TEMPLATE,
     }
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg)
-    _write_json(os.path.join(out_dir, "chat_template.json"), {"chat_template": CHAT_TEMPLATE})
+    if layout == "hub":
+        tok_cfg["chat_template"] = CHAT_TEMPLATE
+        _write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg)
+        _write_json(os.path.join(out_dir, "chat_template.json"), {"chat_template": CHAT_TEMPLATE})
+    else:  # transformers >= 4.52 keep the template in its own file only
+        _write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg)
+        with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
+            f.write(CHAT_TEMPLATE)
 
 
 def hf_config(tok, layers: int, hidden: int) -> dict:
@@ -209,16 +229,111 @@ def hf_weights(cfg: dict, rng: np.random.Generator) -> dict:
     return t
 
 
-def write_shards(tensors: dict, out_dir: str, n_shards: int = 2):
-    """model-0000k-of-0000n.safetensors plus model.safetensors.index.json, as the hub has them."""
-    from safetensors.numpy import save_file
+LAYOUTS = ("hub", "transformers4", "transformers5")
+DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# Text keys the flat (official) config carries at the top and transformers' text_config holds.
+TEXT_KEYS = ("attention_dropout", "bos_token_id", "eos_token_id", "hidden_act", "hidden_size", "initializer_range",
+             "intermediate_size", "max_position_embeddings", "max_window_layers", "num_attention_heads",
+             "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "rope_theta", "sliding_window", "use_cache",
+             "use_sliding_window", "vocab_size")
 
+
+def layout_config(cfg: dict, layout: str, tie: bool, dtype: str) -> dict:
+    """The official flat config rewritten as the given layout's library would save it."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["tie_word_embeddings"] = tie
+    cfg["torch_dtype"] = dtype
+    if layout == "hub":
+        return cfg
+    mrope = cfg["rope_scaling"]["mrope_section"]
+    if layout == "transformers4":
+        # 4.52 - 4.57 keep the flat keys and add a text_config copy, as a 4.52.4 save of a 3B
+        # fine-tune has it: the text config rewrites the rope type "mrope" to "default" in the dict
+        # both share, holds tie_word_embeddings (the top level has none), the media token ids as
+        # null, and often the trainer's pad_token_id.
+        rope = {"mrope_section": mrope, "rope_type": "default", "type": "default"}
+        text = {k: cfg[k] for k in TEXT_KEYS}
+        text.update({"model_type": "qwen2_5_vl_text", "rope_scaling": rope, "tie_word_embeddings": tie,
+                     "torch_dtype": dtype, "layer_types": ["full_attention"] * cfg["num_hidden_layers"],
+                     "architectures": cfg["architectures"], "vision_token_id": cfg["vision_token_id"],
+                     "image_token_id": None, "video_token_id": None, "pad_token_id": cfg["bos_token_id"]})
+        cfg.update({"rope_scaling": dict(rope), "text_config": text, "transformers_version": "4.52.4"})
+        del cfg["tie_word_embeddings"]
+        cfg["vision_config"] = {**cfg["vision_config"], "model_type": "qwen2_5_vl", "torch_dtype": dtype,
+                                "initializer_range": 0.02}
+        return cfg
+    # transformers 5 (as 5.3 writes it): only the nested configs hold the sizes, the rope
+    # parameters (with rope_theta) replace rope_scaling, "dtype" replaces "torch_dtype", and
+    # tie_word_embeddings is a top-level key only.
+    text = {k: cfg[k] for k in TEXT_KEYS if k != "rope_theta"}
+    text.update({"model_type": "qwen2_5_vl_text", "dtype": dtype, "pad_token_id": None, "sliding_window": None,
+                 "layer_types": ["full_attention"] * cfg["num_hidden_layers"],
+                 "rope_parameters": {"mrope_section": mrope, "rope_theta": cfg["rope_theta"], "rope_type": "default",
+                                     "type": "mrope"}})
+    vision = {**cfg["vision_config"], "in_channels": cfg["vision_config"]["in_chans"], "model_type": "qwen2_5_vl",
+              "initializer_range": 0.02}
+    top = {k: cfg[k] for k in ("architectures", "image_token_id", "model_type", "video_token_id",
+                                "vision_end_token_id", "vision_start_token_id", "vision_token_id")}
+    top.update({"dtype": dtype, "text_config": text, "tie_word_embeddings": tie, "transformers_version": "5.3.0",
+                "vision_config": vision})
+    return top
+
+
+def layout_names(tensors: dict, layout: str, tie: bool) -> dict:
+    """Hub tensor names as the layout spells them; tied checkpoints carry no lm_head.weight."""
+    out = {}
+    for name, value in tensors.items():
+        if tie and name == "lm_head.weight":
+            continue
+        if layout != "hub" and name.startswith("model."):
+            name = "model.language_model." + name[len("model."):]
+        elif layout != "hub" and name.startswith("visual."):
+            name = "model." + name
+        out[name] = value
+    return out
+
+
+def to_file_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the file's type; bfloat16 as its raw uint16 bits, rounded to nearest even."""
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        return x.astype(np.float16)
+    bits = x.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def save_safetensors(tensors: dict, path: str, dtype: str = "float32"):
+    """The safetensors format by hand, so bfloat16 (which numpy lacks) can be written too."""
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name in sorted(tensors):
+        data = np.ascontiguousarray(tensors[name]).tobytes()
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the library writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+
+
+def write_shards(tensors: dict, out_dir: str, n_shards: int = 2, dtype: str = "float32"):
+    """model-0000k-of-0000n.safetensors plus model.safetensors.index.json, as the hub has them
+    (n_shards=1: one model.safetensors and no index, as a small save_pretrained writes it)."""
+    tensors = {n: to_file_dtype(t, dtype) for n, t in tensors.items()}
+    if n_shards == 1:
+        save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"), dtype)
+        return
     names = sorted(tensors)
     groups = [names[i::n_shards] for i in range(n_shards)]
     weight_map, total = {}, 0
     for k, group in enumerate(groups, 1):
         fname = f"model-{k:05d}-of-{n_shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in group}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        save_safetensors({n: tensors[n] for n in group}, os.path.join(out_dir, fname), dtype)
         for n in group:
             weight_map[n] = fname
             total += tensors[n].nbytes
@@ -246,22 +361,45 @@ def _write_json(path: str, obj: dict):
         f.write("\n")
 
 
+def write_processor(out_dir: str, layout: str):
+    pre = preprocessor_config()
+    if layout == "hub":
+        _write_json(os.path.join(out_dir, "preprocessor_config.json"), pre)
+        return
+    video = {k: v for k, v in pre.items() if k not in ("image_processor_type", "processor_class")}
+    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    if layout == "transformers4":
+        _write_json(os.path.join(out_dir, "preprocessor_config.json"), pre)
+        video["processor_class"] = pre["processor_class"]
+        _write_json(os.path.join(out_dir, "video_preprocessor_config.json"), video)
+        return
+    image = {k: v for k, v in pre.items() if k != "processor_class"}
+    _write_json(os.path.join(out_dir, "processor_config.json"),
+                {"image_processor": image, "video_processor": video, "processor_class": pre["processor_class"]})
+
+
 def make_tiny_checkpoint(out_dir: str, seed: int = 0, layers: int = 2, hidden: int = 64,
-                         vocab_size: int = 600) -> str:
+                         vocab_size: int = 600, layout: str = "hub", tie: bool = False,
+                         dtype: str = "float32", single_file: bool = False) -> str:
     """Write the checkpoint into out_dir (created if needed) and return out_dir."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     os.makedirs(out_dir, exist_ok=True)
     tok = build_tokenizer(vocab_size)
-    write_tokenizer(tok, out_dir)
+    write_tokenizer(tok, out_dir, layout)
     cfg = hf_config(tok, layers, hidden)
-    _write_json(os.path.join(out_dir, "config.json"), cfg)
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor_config())
+    weights = hf_weights(cfg, np.random.default_rng(seed))
+    _write_json(os.path.join(out_dir, "config.json"), layout_config(cfg, layout, tie, dtype))
+    write_processor(out_dir, layout)
     _write_json(os.path.join(out_dir, "generation_config.json"), {
         "bos_token_id": cfg["bos_token_id"],
         "eos_token_id": [cfg["eos_token_id"], cfg["bos_token_id"]],
         "pad_token_id": cfg["bos_token_id"],
         "do_sample": False,
     })
-    write_shards(hf_weights(cfg, np.random.default_rng(seed)), out_dir)
+    write_shards(layout_names(weights, layout, tie), out_dir, 1 if single_file else 2, dtype)
     return out_dir
 
 
@@ -272,9 +410,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     ap.add_argument("--layers", type=int, default=2, help="language-model layers (default 2)")
     ap.add_argument("--hidden", type=int, default=64, help="hidden size, a multiple of 32 (default 64)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="hub",
+                    help="which library's file layout to write (default hub: the official repos)")
+    ap.add_argument("--tie", action=argparse.BooleanOptionalAction, default=False,
+                    help="tie the output layer to the embeddings, with no lm_head.weight (default: untied)")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="tensor type in the files")
+    ap.add_argument("--single-file", action="store_true", help="one model.safetensors instead of shards + index")
     args = ap.parse_args(argv)
-    make_tiny_checkpoint(args.out_dir, args.seed, args.layers, args.hidden)
-    print(f"wrote a tiny random Qwen2.5-VL to {args.out_dir}", file=sys.stderr)
+    make_tiny_checkpoint(args.out_dir, args.seed, args.layers, args.hidden, layout=args.layout, tie=args.tie,
+                         dtype=args.dtype, single_file=args.single_file)
+    print(f"wrote a tiny random Qwen2.5-VL ({args.layout} layout, {'tied' if args.tie else 'untied'}, "
+          f"{args.dtype}) to {args.out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def run_cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_image_streams_answer_then_stats(tiny_model_dir, sample_image_path, tmp_path):
     r = run_cli("--model", tiny_model_dir, "--type", "image", "--input", sample_image_path,
                 "--prompt", "Describe this image", "--max-tokens", "8", "--cache-dir", tmp_path)
@@ -27,6 +28,7 @@ def test_image_streams_answer_then_stats(tiny_model_dir, sample_image_path, tmp_
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_video_json_output_and_type_guess(tiny_model_dir, sample_video_path, tmp_path):
     r = run_cli("--model", tiny_model_dir, "--input", sample_video_path, "--fps", "2", "--max-pixels", "20000",
                 "--max-tokens", "5", "--json", "--cache-dir", tmp_path)
@@ -38,6 +40,7 @@ def test_video_json_output_and_type_guess(tiny_model_dir, sample_video_path, tmp
     assert s["frame_size"][0] * s["frame_size"][1] <= 20000
 
 
+@pytest.mark.slow
 def test_multi_image_url_and_data_uri(tiny_model_dir, sample_image_path, http_server, tmp_path):
     data = open(sample_image_path, "rb").read()
     (http_server.root / "pic.png").write_bytes(data)
@@ -51,6 +54,7 @@ def test_multi_image_url_and_data_uri(tiny_model_dir, sample_image_path, http_se
     assert two["input_tokens"]["image"] == 2 * single["input_tokens"]["image"]
 
 
+@pytest.mark.slow
 def test_psa_flags_reach_the_config(tiny_model_dir, sample_video_path, tmp_path):
     r = run_cli("--model", tiny_model_dir, "--input", sample_video_path, "--fps", "2", "--use-psa",
                 "--query-block", "64", "--xattn-stride", "8", "--psa-min-seq-len", "0", "--max-tokens", "3",
@@ -60,6 +64,7 @@ def test_psa_flags_reach_the_config(tiny_model_dir, sample_video_path, tmp_path)
     assert psa["enabled"] and psa["calls"] == 2 and psa["seq_len"] > 64
 
 
+@pytest.mark.slow
 def test_error_is_one_line_exit_2_no_traceback(tiny_model_dir, tmp_path):
     r = run_cli("--model", tiny_model_dir, "--input", tmp_path / "nope.jpg", "--type", "image")
     assert r.returncode == 2
@@ -129,6 +134,7 @@ def test_brief_entry_points_import():
     assert QwenVLInference is engine_class and apply_psa is router_apply and callable(remove_psa)
 
 
+@pytest.mark.slow
 def test_help_does_not_import_paddle():
     """--help and argument checks answer without the model stack (a fresh interpreter)."""
     code = ("import sys, infer_qwen2_5_vl_psa as m\n"

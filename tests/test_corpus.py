@@ -210,6 +210,7 @@ def test_missing_output_unreadable_batch_and_conflicting_flags(tmp_path, capsys)
 
 # ---------------------------------------------------------------- crash and resume
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_every_id_once_and_same_answers(tiny_model_dir, media, reference, http_server,
                                                                   tmp_path):
     # The 5th input is fetched from a server that stalls, so the first run is surely still going
@@ -326,6 +327,7 @@ def test_launcher_variables_are_hidden_from_paddle_and_pick_the_gpu(monkeypatch)
             corpus.rank_and_world(bad)
 
 
+@pytest.mark.slow
 def test_two_processes_through_paddle_launch(tiny_model_dir, media, reference, tmp_path):
     batch = write_jsonl(tmp_path / "in.jsonl", mixed_rows(media))
     out = tmp_path / "out.jsonl"

@@ -172,16 +172,18 @@ def test_not_a_model_id(tmp_path):
         QwenVLInference(str(tmp_path / "missing" / "x" / "y"), verbose=False)
 
 
-def test_read_only_model_folder_loads(tiny_model_dir, tmp_path, monkeypatch):
-    # paddleformers writes a metadata file into the model folder; a read-only one is mirrored.
-    # (CI runs as root, who can write anywhere, so the folder is made to look read-only.)
+def test_read_only_model_folder_loads(tiny_model_dir, model, tmp_path, monkeypatch):
+    # Nothing is written to the model folder, so a read-only one loads as it is (CI runs as root,
+    # so the folder is made to look read-only; test_checkpoints.py checks no write is attempted).
     ro = tmp_path / "ro"
     shutil.copytree(tiny_model_dir, ro)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
     before = sorted(os.listdir(ro))
     m = QwenVLInference(str(ro), dtype="float32", verbose=False, cache_dir=str(tmp_path / "cache"))
-    assert m.inference_image(_image(), "Describe.", max_tokens=2) is not None
+    # the same weights as the shared model: the same answer
+    assert m.inference_image(_image(), "Describe.", max_tokens=2) == model.inference_image(_image(), "Describe.",
+                                                                                            max_tokens=2)
     assert sorted(os.listdir(ro)) == before
 
 
@@ -206,11 +208,12 @@ def hf_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def test_hub_id_resolves_through_the_hub_cache(tiny_model_dir, tmp_path, hf_offline):
+def test_hub_id_resolves_through_the_hub_cache(tiny_model_dir, model, tmp_path, hf_offline):
     snap = _fill_hf_cache(tmp_path / "cache", "tiny-org/Tiny-VL", tiny_model_dir)
     m = QwenVLInference("tiny-org/Tiny-VL", dtype="float32", verbose=False, cache_dir=str(tmp_path / "cache"))
     assert os.path.samefile(m.model_dir, snap)
-    assert m.inference_image(_image(), "Describe.", max_tokens=2) is not None
+    assert m.inference_image(_image(), "Describe.", max_tokens=2) == model.inference_image(_image(), "Describe.",
+                                                                                            max_tokens=2)
 
 
 def test_hub_id_that_cannot_be_fetched_is_one_clear_error(tmp_path, hf_offline):

@@ -1,162 +1,56 @@
 """PSA plain-Paddle path against an independent float64 numpy implementation of the math.
 
-The reference below is written from the algorithm statement (docs: psa-algorithm.md) with
-explicit loops and strided slices, sharing no code with psa_paddle.
+The reference (tests/psa_reference.py) is written from the algorithm statement
+(docs: psa-algorithm.md) with explicit loops and strided slices, sharing no code with psa_paddle.
 """
 import math
 
 import numpy as np
 import paddle
+import psa_reference as R
 import pytest
 
-from psa_paddle import AttentionConfig, PSAStats, flop_sparsity, psa_attention
+from psa_paddle import AttentionConfig, PSAStats, TritonBackendError, flop_sparsity, psa_attention
 from psa_paddle.attention import dense_causal_attention, pyramid_attention_paddle
 from psa_paddle.estimate import block_importance
 from psa_paddle.mask import compute_levels, force_blocks, levels_from_importance, similarity_cap
 from psa_paddle.psa import level_histogram
 
 # ----------------------------------------------------------------------------- reference
+# The one float64 reference (tests/psa_reference.py), for one batch row: [H, L, D] in and out.
 
 
 def ref_importance(q, k, blk, S, q_offset):
-    """q [Hq, Lq, D], k [Hkv, Lk, D] float64 -> [Hq, nQB, nKB]."""
-    Hq, Lq, D = q.shape
-    Hkv, Lk, _ = k.shape
-    nkb = -(-Lk // blk)
-    qb0 = q_offset // blk
-    P = nkb * blk
-    qa = np.zeros((Hq, P, D))
-    qa[:, q_offset:q_offset + Lq] = q
-    ka = np.zeros((Hkv, P, D))
-    ka[:, :Lk] = k
-    n = P // S
-    imp = np.zeros((Hq, nkb - qb0, nkb))
-    for h in range(Hq):
-        kv = h // (Hq // Hkv)
-        A = sum(qa[h, S - 1 - t::S] @ ka[kv, t::S].T for t in range(S)) / math.sqrt(D) / S
-        for i in range(qb0 * blk // S, n):
-            p = np.exp(A[i, :i + 1] - A[i, :i + 1].max())
-            full = np.zeros(n)
-            full[:i + 1] = p / p.sum()
-            imp[h, i * S // blk - qb0] += full.reshape(nkb, blk // S).sum(1)
-    return imp
+    return R.importance(q[None], k[None], blk, S, q_offset)[0]
 
 
 def ref_raw_levels(imp, mode, ratios, qb0):
-    H, nqb, nkb = imp.shape
-    out = np.zeros(imp.shape, np.int64)
-    for h in range(H):
-        for r in range(nqb):
-            nvalid = min(qb0 + r + 1, nkb)
-            vals = imp[h, r, :nvalid]
-            order = np.argsort(-vals, kind="stable")
-            if mode == "energybound":
-                e = np.minimum(np.cumsum(vals[order]) / vals.sum(), 1.0)
-            prev = None
-            for level, (lo, hi) in ratios.items():
-                lower = lo if prev is None else max(lo, prev)
-                prev = hi
-                for pos, blk_id in enumerate(order):
-                    if mode == "energybound":
-                        hit = lower < e[pos] <= hi
-                    else:
-                        hit = math.floor(nvalid * lower) <= pos < math.floor(nvalid * hi)
-                    if hit:
-                        out[h, r, blk_id] = level
-    return out
+    return R.raw_levels(imp[None], mode, ratios, qb0)[0]
 
 
 def ref_force(lv, text_length, blk, qb0):
-    lv = lv.copy()
-    _, nqb, nkb = lv.shape
-    nt = -(-text_length // blk)
-    for r in range(nqb):
-        m = qb0 + r
-        for kb in range(nkb):
-            if m >= nkb - nt or kb >= nkb - nt or kb == m or kb == 0:
-                lv[:, r, kb] = 1
-            if kb > m:
-                lv[:, r, kb] = 0
-    return lv
+    return R.force(lv, text_length, blk, qb0)
 
 
 def ref_pad(x, blk):
-    """[H, L, D] -> padded to a block multiple by repeating the last token."""
-    L = x.shape[1]
-    P = -(-L // blk) * blk
-    return np.concatenate([x, np.repeat(x[:, -1:], P - L, axis=1)], axis=1)
+    return R.pad_replicate(x, blk)
 
 
 def ref_cap(k, blk, t2, t4, t8):
-    kp = ref_pad(k, blk)
-    H, P, D = kp.shape
-    cap = np.ones((H, P // blk), np.int64)
-    for h in range(H):
-        for b in range(P // blk):
-            x = kp[h, b * blk:(b + 1) * blk]
-
-            def sim(g):
-                a, c = x[0::g], x[g - 1::g]
-                num = (a * c).sum(1)
-                den = np.sqrt(np.maximum((a * a).sum(1) * (c * c).sum(1), 1e-12))
-                return (num / den).mean()
-
-            cap[h, b] = 8 if sim(8) > t8 else 4 if sim(4) > t4 else 2 if sim(2) > t2 else 1
-    return cap
+    return R.cap(k[None], blk, (t2, t4, t8))[0]
 
 
 def ref_levels(q, k, cfg, q_offset):
-    blk = cfg.query_block
-    qb0 = q_offset // blk
-    imp = ref_importance(q, k, blk, cfg.xattn_stride, q_offset)
-    lv = ref_force(ref_raw_levels(imp, cfg.mask_mode, cfg.mask_ratios, qb0), cfg.text_length, blk, qb0)
-    if cfg.use_sim_cap:
-        cap = ref_cap(k, blk, cfg.sim_2x_threshold, cfg.sim_4x_threshold, cfg.sim_8x_threshold)
-        G = q.shape[0] // k.shape[0]
-        lv = np.minimum(lv, np.repeat(cap, G, axis=0)[:, None, :])
-    return imp, lv
+    imp, lv = R.levels(q[None], k[None], cfg, q_offset)
+    return imp[0], lv[0]
 
 
 def ref_attention(q, k, v, lv, q_offset, blk, scale):
-    """Per (head, query block): visible pooled keys of every block, logits + ln r, one softmax."""
-    Hq, Lq, D = q.shape
-    Hkv = k.shape[0]
-    kp, vp = ref_pad(k, blk), ref_pad(v, blk)
-    qb0 = q_offset // blk
-    out = np.zeros((Hq, Lq, D))
-    for h in range(Hq):
-        kv = h // (Hq // Hkv)
-        for r_ in range(lv.shape[1]):
-            m = qb0 + r_
-            pos = np.arange(max(m * blk, q_offset), min((m + 1) * blk, q_offset + Lq))
-            qq = q[h, pos - q_offset]
-            logits, vals = [], []
-            for kb in range(m + 1):
-                r = int(lv[h, r_, kb])
-                if r == 0:
-                    continue
-                kr = kp[kv, kb * blk:(kb + 1) * blk].reshape(blk // r, r, D).mean(1)
-                vr = vp[kv, kb * blk:(kb + 1) * blk].reshape(blk // r, r, D).mean(1)
-                lastpos = kb * blk + (np.arange(blk // r) + 1) * r - 1
-                s = qq @ kr.T * scale + math.log(r)
-                logits.append(np.where(lastpos[None, :] <= pos[:, None], s, -np.inf))
-                vals.append(vr)
-            s = np.concatenate(logits, 1)
-            p = np.exp(s - s.max(1, keepdims=True))
-            out[h, pos - q_offset] = (p / p.sum(1, keepdims=True)) @ np.concatenate(vals, 0)
-    return out
+    return R.attention(q[None], k[None], v[None], lv[None], q_offset, scale, blk)[0]
 
 
 def ref_dense(q, k, v, q_offset, scale):
-    Hq, Lq, D = q.shape
-    G = Hq // k.shape[0]
-    out = np.zeros(q.shape)
-    for h in range(Hq):
-        s = q[h] @ k[h // G].T * scale
-        s = np.where(np.arange(k.shape[1])[None, :] <= q_offset + np.arange(Lq)[:, None], s, -np.inf)
-        p = np.exp(s - s.max(1, keepdims=True))
-        out[h] = (p / p.sum(1, keepdims=True)) @ v[h // G]
-    return out
+    return R.dense(q[None], k[None], v[None], q_offset, scale)[0]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -429,7 +323,7 @@ def test_bf16_output_dtype_and_backend_choice():
     stats = PSAStats()
     out = psa_attention(q, k, k, AttentionConfig(query_block=64, min_seq_len=0), stats=stats)
     assert out.dtype == paddle.bfloat16 and stats.calls[0].backend == "paddle"  # auto on CPU
-    with pytest.raises(RuntimeError, match="GPU"):
+    with pytest.raises(TritonBackendError, match="GPU"):
         psa_attention(q, k, k, AttentionConfig(query_block=64, min_seq_len=0, backend="triton"))
 
 
@@ -454,11 +348,11 @@ def test_triton_backend_wiring(monkeypatch):
         imp = block_importance(q, k, cfg, q_offset)
         return compute_levels(imp, k, cfg, q_offset), imp
 
-    def fake_attn(q, k, v, levels, q_offset, scale):
+    def fake_attn(q, k, v, levels, q_offset, scale, **kw):
         calls.append("attention")
         return pyramid_attention_paddle(q, k, v, levels, q_offset, scale)
 
-    def refuse(*args):
+    def refuse(*args, **kw):
         raise ValueError("head_dim must be a power of two")
 
     rng = np.random.default_rng(8)
@@ -485,7 +379,15 @@ def test_triton_backend_wiring(monkeypatch):
     assert (stats.calls[0].backend, stats.calls[0].estimate) == ("paddle", "paddle")
     with pytest.raises(ValueError, match="power of two"):
         psa_attention(q, k, v, AttentionConfig(backend="triton", **small))
-    monkeypatch.setattr(psa_mod, "_import_triton", lambda name: None)  # modules failed to import
-    assert psa_attention(q, k, v, AttentionConfig(backend="auto", **small)).shape == [1, 2, 200, 64]
-    with pytest.raises(RuntimeError, match="failed to import"):
+
+    def no_triton(name):
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(psa_mod, "_import_triton", no_triton)  # modules failed to import
+    with pytest.raises(TritonBackendError, match="not importable"):
         psa_attention(q, k, v, AttentionConfig(backend="triton", **small))
+    try:
+        with pytest.warns(UserWarning, match="Triton is off for this process: Triton is not importable"):
+            assert psa_attention(q, k, v, AttentionConfig(backend="auto", **small)).shape == [1, 2, 200, 64]
+    finally:
+        psa_mod.reset_triton_state()

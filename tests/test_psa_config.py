@@ -86,6 +86,9 @@ def test_config_error_is_value_error():
 
 
 def test_edge_values_accepted():
-    AttentionConfig(query_block=64, xattn_stride=64, text_length=0, min_seq_len=0,
-                    sim_2x_threshold=-1, sim_4x_threshold=1.0, mask_ratios={1: (0, 1)})
-    AttentionConfig(mask_ratios={0: (0, 0), 1: (0, 1)})  # empty intervals are fine
+    cfg = AttentionConfig(query_block=64, xattn_stride=64, text_length=0, min_seq_len=0,
+                          sim_2x_threshold=-1, sim_4x_threshold=1.0, mask_ratios={1: (0, 1)})
+    assert (cfg.query_block, cfg.xattn_stride, cfg.text_length, cfg.min_seq_len) == (64, 64, 0, 0)
+    assert (cfg.sim_2x_threshold, cfg.sim_4x_threshold) == (-1, 1.0) and dict(cfg.mask_ratios) == {1: (0, 1)}
+    empty = AttentionConfig(mask_ratios={0: (0, 0), 1: (0, 1)})  # empty intervals are fine
+    assert dict(empty.mask_ratios) == {0: (0, 0), 1: (0, 1)}

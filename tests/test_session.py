@@ -271,6 +271,7 @@ def test_bad_questions(model, video):
 
 # ---------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_cli_two_prompts_stream_each_answer_with_its_stats(tiny_model_dir, sample_video_path, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "infer_qwen2_5_vl_psa.py"), "--model", tiny_model_dir,
                         "--input", str(sample_video_path), "--fps", "2", "--max-tokens", "5",

@@ -19,6 +19,7 @@ import os
 import sys
 
 import numpy as np
+import psa_reference as R
 import pytest
 
 # triton.jit picks the interpreter when a function is decorated, and triton's own standard
@@ -99,141 +100,14 @@ class Cfg:  # duck-typed AttentionConfig
 
 
 # ============================================================================ numpy reference
+# The one float64 reference of the tests (tests/psa_reference.py), batch first.
 
-def _pad_replicate(x, blk):
-    L = x.shape[-2]
-    n = -(-L // blk) * blk
-    if n == L:
-        return x
-    rep = np.repeat(x[..., L - 1:L, :], n - L, axis=-2)
-    return np.concatenate([x, rep], axis=-2)
-
-
-def _pool(x, r):
-    *lead, L, D = x.shape
-    return x.reshape(*lead, L // r, r, D).mean(axis=-2)
-
-
-def ref_attention(q, k, v, levels, q_offset, scale, blk):
-    """float64; q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D], levels [B,Hq,nQB,nKB]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    nKB = -(-Lk // blk)
-    qb0 = q_offset // blk
-    kp, vp = _pad_replicate(k, blk), _pad_replicate(v, blk)
-    pyr_k = {r: (_pool(kp, r) if r > 1 else kp) for r in (1, 2, 4, 8)}
-    pyr_v = {r: (_pool(vp, r) if r > 1 else vp) for r in (1, 2, 4, 8)}
-    out = np.zeros_like(q)
-    for b in range(B):
-        for h in range(Hq):
-            hk = h // G
-            for i in range(Lq):
-                pos = q_offset + i
-                qblk = pos // blk
-                row = qblk - qb0
-                logits, vals = [], []
-                for kb in range(nKB):
-                    r = int(levels[b, h, row, kb])
-                    if r == 0:
-                        continue
-                    P = blk // r
-                    for j in range(P):
-                        jj = kb * P + j
-                        if (jj + 1) * r - 1 > pos:
-                            continue
-                        logits.append(q[b, h, i] @ pyr_k[r][b, hk, jj] * scale + math.log(r))
-                        vals.append(pyr_v[r][b, hk, jj])
-                if logits:
-                    s = np.array(logits)
-                    p = np.exp(s - s.max())
-                    out[b, h, i] = (p[:, None] * np.array(vals)).sum(0) / p.sum()
-    return out
-
-
-def ref_importance(q, k, blk, S, q_offset):
-    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    nKB = -(-Lk // blk)
-    qb0 = q_offset // blk
-    P = nKB * blk
-    n = P // S
-    T = blk // S
-    imp = np.zeros((B, Hq, nKB - qb0, nKB))
-    for b in range(B):
-        for h in range(Hq):
-            qa = np.zeros((P, D))
-            qa[q_offset:q_offset + Lq] = q[b, h]
-            ka = np.zeros((P, D))
-            ka[:Lk] = k[b, h // G]
-            A = sum(qa[S - 1 - t::S] @ ka[t::S].T for t in range(S)) / math.sqrt(D) / S
-            for i in range(qb0 * T, n):
-                a = A[i, :i + 1]
-                p = np.exp(a - a.max())
-                p /= p.sum()
-                for j in range(i + 1):
-                    imp[b, h, i // T - qb0, j // T] += p[j]
-    return imp
-
-
-def ref_cap(k, blk, th):
-    k = np.asarray(k, np.float64)
-    B, Hkv, Lk, D = k.shape
-    kp = _pad_replicate(k, blk)
-    nKB = kp.shape[2] // blk
-    cap = np.ones((B, Hkv, nKB), np.int64)
-    for b in range(B):
-        for h in range(Hkv):
-            for kb in range(nKB):
-                x = kp[b, h, kb * blk:(kb + 1) * blk]
-
-                def sim(g):
-                    a, c = x[0::g], x[g - 1::g]
-                    n2 = (a * a).sum(1) * (c * c).sum(1)
-                    return ((a * c).sum(1) / np.sqrt(np.maximum(n2, 1e-12))).mean()
-
-                s2, s4, s8 = sim(2), sim(4), sim(8)
-                cap[b, h, kb] = 8 if s8 > th[2] else 4 if s4 > th[1] else 2 if s2 > th[0] else 1
-    return cap
-
-
-def ref_levels(imp, cap, q_offset, blk, text_length, mode, ratios):
-    B, Hq, nQB, nKB = imp.shape
-    qb0 = q_offset // blk
-    n_text = min(nKB, -(-text_length // blk))
-    table, prev = [], None
-    for lev, (lo, hi) in ratios.items():
-        table.append((lev, lo if prev is None else max(lo, prev), hi))
-        prev = hi
-    out = np.zeros(imp.shape, np.int64)
-    for b in range(B):
-        for h in range(Hq):
-            for r in range(nQB):
-                qb = qb0 + r
-                row = np.asarray(imp[b, h, r, :qb + 1], np.float32)
-                order = sorted(range(qb + 1), key=lambda j: (-row[j], j))
-                cum = np.cumsum(row[order], dtype=np.float32)
-                E = cum / cum[-1] if cum[-1] > 0 else np.ones_like(cum)
-                n = qb + 1
-                for pos, j in enumerate(order):
-                    lev = 0
-                    for L, lo, hi in table:
-                        if mode == "energybound":
-                            hit = lo < E[pos] <= hi
-                        else:
-                            hit = math.floor(n * lo) <= pos < math.floor(n * hi)
-                        if hit:
-                            lev = L
-                            break
-                    if cap is not None and lev > 0:
-                        lev = min(lev, int(cap[b, h // (Hq // cap.shape[1]), j]))
-                    if j == 0 or j == qb or j >= nKB - n_text or qb >= nKB - n_text:
-                        lev = 1
-                    out[b, h, r, j] = lev
-    return out
+_pad_replicate = R.pad_replicate
+_pool = R.pool
+ref_attention = R.attention
+ref_importance = R.importance
+ref_cap = R.cap
+ref_levels = R.levels_from
 
 
 # ============================================================================ helpers
@@ -398,6 +272,87 @@ def test_importance_vs_numpy(B, Hq, Hkv, Lq, Lk, D, blk, S):
     imp = importance_triton(_t(q), _t(k), blk, S, Lk - Lq).numpy()
     ref = ref_importance(q, k, blk, S, Lk - Lq)
     np.testing.assert_allclose(imp, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_importance_one_pass_equals_two_pass(monkeypatch):
+    """The one-pass kernel (per-(row, key block) log-sums in a scratch) against the two-pass kernel
+    and the numpy reference; also with the scratch bound forcing one launch per head."""
+    import psa_paddle.triton_estimate as te
+
+    rng = np.random.default_rng(11)
+    B, Hq, Hkv, Lq, Lk, D, blk, S = 1, 3, 1, 260, 450, 32, 64, 8
+    q = rng.standard_normal((B, Hq, Lq, D)).astype(np.float32) * 2
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(np.float32) * 2
+    ref = ref_importance(q, k, blk, S, Lk - Lq)
+    one = importance_triton(_t(q), _t(k), blk, S, Lk - Lq, tiles=(32, 32, 4, 1, 1)).numpy()
+    two = importance_triton(_t(q), _t(k), blk, S, Lk - Lq, tiles=(32, 32, 4, 1, 2)).numpy()
+    monkeypatch.setattr(te, "SCRATCH_BYTES", 1)
+    chunked = importance_triton(_t(q), _t(k), blk, S, Lk - Lq, tiles=(32, 32, 4, 1, 1)).numpy()
+    for got in (one, two, chunked):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(one, chunked)
+
+
+def test_attention_gathered_pooled_tiles():
+    """tiles[6] = gather: levels 4 and 8 run in BLOCK_NP-key tiles that gather several blocks."""
+    rng = np.random.default_rng(5)
+    B, Hq, Hkv, Lq, Lk, D, blk = 1, 2, 1, 300, 700, 32, 128
+    q, k, v = (rng.standard_normal((B, h, n, D)).astype(np.float32) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    nKB = -(-Lk // blk)
+    qb0 = (Lk - Lq) // blk
+    lv = _rand_levels(rng, B, Hq, nKB - qb0, nKB, qb0, p=(0.1, 0.2, 0.2, 0.25, 0.25))
+    for tiles in ((64, 32, 32, 4, 1, "plain", True), (32, 32, 64, 4, 1, "plain", True)):
+        out = pyramid_attention_triton(_t(q), _t(k), _t(v), paddle.to_tensor(lv), Lk - Lq, 0.2, tiles=tiles).numpy()
+        assert _relerr(out, ref_attention(q, k, v, lv, Lk - Lq, 0.2, blk)) < 2e-5, tiles
+
+
+_SM90_COMPILE = r"""
+import sys
+import paddle
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+class StandIn:  # compile only: no GPU, no launch
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, d=None): return 0
+    def set_current_device(self, d): pass
+    def is_active(self): return True
+    def get_active_torch_device(self): return None
+driver.set_active(StandIn())
+sys.path.insert(0, sys.argv[1])
+from psa_paddle import triton_attention as TA, triton_estimate as TE
+Hq, Hkv, L, D = 28, 4, 4096, 128
+q = paddle.zeros([1, Hq, L, D], dtype="bfloat16"); k = paddle.zeros([1, Hkv, L, D], dtype="bfloat16")
+lev = paddle.zeros([1, Hq, 32, 32], dtype="int8"); lut = paddle.zeros([Hq * 32, 32], dtype="int32")
+bm, bn, bnp, w, st = TA.HOPPER_TMA_TILES[128]
+c = TA._attn_kernel.warmup(q, k, k, k, k, q, lev, lut, lut, TA._flat_desc(q, bm, D), TA._flat_desc(k, bn, D),
+    TA._flat_desc(k, bn, D), Hq * L * D, L * D, D, Hkv * L * D, L * D, D, Hkv * L * D, L * D, D, Hq * L * D, L * D, D,
+    32 * 32 * Hq, 32 * 32, 32, Hq, Hq // Hkv, L, L, 0, 0, 32, 32, 100, 10, 20, 32, 0.1,
+    D=D, BLK=128, BLOCK_M=bm, BLOCK_N=bn, T2=64, T4=32, T8=16, DT1=bn, DT2=64, DT4=32, DT8=16,
+    USE_TMA=True, WS=TA.HOPPER_WARP_SPECIALIZE, num_warps=w, num_stages=st, grid=(1,))
+assert "cp.async.bulk.tensor" in c.asm["ptx"] and c.metadata.shared <= 232448, c.metadata.shared
+ebm, ebn, ew, est = TE.DEFAULT_EST_TILES[:4]
+imp = paddle.zeros([1, Hq, 32, 32], dtype="float32")
+c = TE._importance1_kernel.warmup(q, k, imp, imp, TE._strided_desc(q, 16, ebm), TE._strided_desc(k, 16, ebn),
+    Hq * L * D, L * D, D, Hkv * L * D, L * D, D, Hq, Hq // Hkv, 0, 4, L, L, 0, 0, 32, 32, 0.1,
+    D=D, S=16, R=8, BM=ebm, BN=ebn, USE_TMA=True, num_warps=ew, num_stages=est, grid=(1,))
+assert "cp.async.bulk.tensor" in c.asm["ptx"] and c.metadata.shared <= 232448, c.metadata.shared
+print("OK")
+"""
+
+
+def test_tma_kernels_compile_for_sm90():
+    """The Hopper (TMA) attention and one-pass estimate kernels compile for sm_90 with the default
+    tiles, use the bulk tensor copy, and fit in shared memory (a fresh process: compiled mode)."""
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE, root], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_similarity_cap_vs_numpy():

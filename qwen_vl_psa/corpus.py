@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -38,7 +39,6 @@ import tempfile
 import threading
 import time
 import traceback
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 

@@ -168,7 +168,8 @@ class QwenVLInference:
         if not images:
             raise InputError("no images given: pass at least one path, URL or PIL image")
         cap, on_downsize, notices = max_pixels or self.max_pixels, None, []
-        if cap is None and self.device == "cpu" and (min_pixels or self.min_pixels or 0) <= cpu_limits.CPU_IMAGE_MAX_PIXELS:
+        asked_min = min_pixels or self.min_pixels or 0
+        if cap is None and self.device == "cpu" and asked_min <= cpu_limits.CPU_IMAGE_MAX_PIXELS:
             cap = cpu_limits.CPU_IMAGE_MAX_PIXELS
             on_downsize = lambda *a: notices.append(self._notice(cpu_limits.cap_notice(*a)))  # noqa: E731
         with Timer() as t:

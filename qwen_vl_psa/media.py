@@ -67,10 +67,10 @@ from paddleformers.transformers.qwen2_vl.vision_process import (
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
+from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file, publish
 from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
 from .inputs import file_url_path as _file_url_path
 from .inputs import url_scheme as _url_scheme
-from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file, publish
 
 PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
 FACTOR = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28: one merged token covers a 28x28 pixel square
@@ -434,8 +434,9 @@ def _decode_image(source: Any, label: str) -> Image.Image:
     except QwenVLError:
         raise
     except Image.DecompressionBombError as exc:  # PIL refuses > 2x MAX_IMAGE_PIXELS (179 MP) unread
-        raise MediaError(f"cannot decode image {label}: {one_line(exc).split(' could be')[0].rstrip(',')}; that is more "
-                         f"than PIL decodes safely: downscale it first") from None
+        size = one_line(exc).split(" could be")[0].rstrip(",")
+        raise MediaError(f"cannot decode image {label}: {size}; that is more than PIL decodes safely: "
+                         f"downscale it first") from None
     except UnidentifiedImageError:  # its text names a BytesIO object: say it plainly
         raise MediaError(f"cannot decode image {label}: unknown image format; "
                          f"is it a valid image file?") from None

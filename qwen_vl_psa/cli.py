@@ -7,20 +7,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import warnings
 from typing import List
 
 from .errors import InputError, QwenVLError
+from .inputs import check_cli_args, guess_media_type, read_prompts_file
 from .loading import DEFAULT_MODEL, HUBS
 from .options import DEFAULT_FPS, DEFAULT_MAX_TOKENS, GenerationOptions, check_fps, default_prompt, psa_config_from_args
-from .report import format_session_stats, format_stats
+from .report import format_session_stats, format_stats, terminal_safe
 
 _GEN = GenerationOptions()  # the defaults the help text shows
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one `error:` line (exit 2), not a usage block of twenty lines."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         description="Describe images and videos with Qwen2.5-VL on PaddlePaddle (PSA sparse prefill optional).",
         epilog="Try it without a download: python -m qwen_vl_psa.tiny_checkpoint tiny && "
                "python infer_qwen2_5_vl_psa.py --model tiny --type image --input photo.jpg. "
@@ -49,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-frames", type=int, default=None, help="cap on sampled video frames")
     ap.add_argument("--max-pixels", type=int, default=None, help="largest frame/image area in pixels after resize")
     ap.add_argument("--min-pixels", type=int, default=None, help="smallest frame/image area in pixels after resize")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds allowed for each media download in total (default 300); a server must also "
+                         "answer within 30 s and send at least 1 KB/s")
     g = ap.add_argument_group("generation")
     g.add_argument("--temperature", type=float, default=_GEN.temperature, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=_GEN.top_p)
@@ -77,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def infer_type(inputs: List[str]) -> str:
-    from .media import guess_media_type  # imports paddleformers' vision utilities
-
     kinds = {guess_media_type(i) for i in inputs}
     if len(kinds) == 1 and None not in kinds:
         return kinds.pop()
@@ -89,11 +100,7 @@ def collect_prompts(args, kind: str) -> List[str]:
     """--prompt (repeatable) then --prompts-file lines; the default question when none is given."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [ln.strip() for ln in f if ln.strip()]
-        except OSError as e:
-            raise InputError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from e
+        prompts += read_prompts_file(args.prompts_file)  # an empty file is an error, not the default question
     return prompts or [default_prompt(kind)]
 
 
@@ -114,7 +121,7 @@ def run_questions(model, args, kind, prompts, gen) -> int:
                 print(f"### question {i}/{len(prompts)}: {prompt}", flush=True)
             answer = session.ask(prompt, **gen)
             if not args.json:
-                print("" if gen["stream"] else answer, flush=True)
+                print("" if gen["stream"] else terminal_safe(answer), flush=True)
                 print(format_stats(model.stats), file=sys.stderr, flush=True)
         summary = session.stats
     if args.json:
@@ -126,6 +133,7 @@ def run_questions(model, args, kind, prompts, gen) -> int:
 
 
 def run_cli(args) -> int:
+    check_cli_args(args)  # paths, URLs, options, prompt files: in milliseconds, before the model stack
     if args.batch or args.merge:
         from .corpus import run_batch  # the model stack: only now that the arguments are known
 
@@ -146,7 +154,7 @@ def run_cli(args) -> int:
 
     model = QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_cfg,
                             cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,
-                            max_pixels=args.max_pixels, verbose=not args.json)
+                            max_pixels=args.max_pixels, verbose=not args.json, timeout=args.timeout)
     stream = not args.no_stream and not args.json
     gen["stream"] = stream
     if len(prompts) > 1:
@@ -159,7 +167,7 @@ def run_cli(args) -> int:
     if args.json:
         print(json.dumps({"answer": answer, "stats": model.stats}, ensure_ascii=False))
         return 0
-    print("" if stream else answer)
+    print("" if stream else terminal_safe(answer))
     model.print_stats(file=sys.stderr)
     return 0
 
@@ -173,12 +181,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
+        # The modelscope / aistudio downloaders log every retry (27 s of them without a network);
+        # their levels are reset when they load, so filter their records instead.
+        os.environ.setdefault("AISTUDIO_LOG", "critical")  # read at its import; a user's setting wins
+        for name in ("api", "download", "legacy_api", "openapi", "cache", "compat"):
+            logging.getLogger(f"modelscope_hub.{name}").addFilter(lambda r: r.levelno >= logging.ERROR)
     try:
         return run_cli(args)
     except QwenVLError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

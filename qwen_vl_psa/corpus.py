@@ -5,7 +5,7 @@
     python infer_qwen2_5_vl_psa.py --merge --batch inputs.jsonl --output results.jsonl
 
 The batch file is JSON Lines (one object per line: `input`, and optionally `type`, `prompt`, `id`,
-`fps`, `max_pixels`, `min_pixels`, `max_frames`) or plain text (one path or URL per line; blank
+`fps`, `max_pixels`, `min_pixels`, `max_frames`, `timeout`) or plain text (one path or URL per line; blank
 lines and lines starting with # are skipped). Ids default to the line number (JSONL) or the path
 (plain text) and must be unique.
 
@@ -20,12 +20,15 @@ collective is initialised. Whichever rank finishes and finds every input id writ
 results into OUTPUT in input order (completeness is checked on the files' content, so a rank
 that died never blocks the others, and stale state from an older run cannot trigger a merge).
 
-Throughput: a background thread loads (download, decode, sample, resize) up to --prefetch items
-ahead of the one being generated.
+Throughput: --prefetch background threads load (download, decode, sample, resize) items ahead of
+the one being generated; items are answered as their loads finish, so a slow or stalled download
+(which fails at its --timeout / per-item "timeout") holds back no item after it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -42,12 +45,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import paddle
 from tqdm import tqdm
 
+from . import cpu_limits
 from .engine import QwenVLInference
 from .errors import InputError, QwenVLError
+from .fetch import user_mode
 from .media import guess_media_type, load_image, load_video
 from .options import GenerationOptions, check_fps, default_prompt, psa_config_from_args
 
-FIELDS = ("input", "type", "prompt", "id", "fps", "max_pixels", "min_pixels", "max_frames")
+FIELDS = ("input", "type", "prompt", "id", "fps", "max_pixels", "min_pixels", "max_frames", "timeout")
 JSONL_EXTS = (".jsonl", ".ndjson", ".json")
 _PART_RE = re.compile(r"\.rank(\d+)-of-(\d+)$")
 
@@ -66,6 +71,7 @@ class Item:
     max_pixels: Any = None
     min_pixels: Any = None
     max_frames: Any = None
+    timeout: Any = None
 
     @property
     def key(self) -> str:
@@ -136,7 +142,7 @@ def _parse_json_line(path: str, lineno: int, text: str, index: int, unknown: Dic
             unknown.setdefault(k, lineno)
     return Item(index, lineno, obj.get("id", lineno), src.strip(), type=obj.get("type"), prompt=obj.get("prompt"),
                 fps=obj.get("fps"), max_pixels=obj.get("max_pixels"), min_pixels=obj.get("min_pixels"),
-                max_frames=obj.get("max_frames"))
+                max_frames=obj.get("max_frames"), timeout=obj.get("timeout"))
 
 
 def _check_unique_ids(path: str, items: List[Item]):
@@ -352,6 +358,7 @@ def merge_results(items: List[Item], output: str, complete_only: bool = False) -
             # a concurrent complete merge removed parts we read: its OUTPUT is the one to keep
             os.unlink(tmp)
             return merge_results(items, output, complete_only)
+        os.chmod(tmp, user_mode())  # mkstemp makes 0600: the results get the user's umask
         os.replace(tmp, output)
     except BaseException:
         try:
@@ -408,11 +415,19 @@ def load_item(item: Item, kind: str, opts: BatchOptions) -> Any:
     """PIL image or media.Video: download, decode, sample and resize. Pure: safe in a thread."""
     pick = lambda v, d: d if v is None else v  # noqa: E731
     min_px, max_px = pick(item.min_pixels, opts.min_pixels), pick(item.max_pixels, opts.max_pixels)
+    timeout = pick(item.timeout, opts.timeout)
+    extra = {} if timeout is None else {"timeout": timeout}
     if kind == "video":
         return load_video(item.input, fps=pick(item.fps, opts.fps), min_pixels=min_px, max_pixels=max_px,
                                 max_frames=pick(item.max_frames, opts.max_frames), cache_dir=opts.media_cache,
-                                progress=False)
-    return load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache)
+                                progress=False, **extra)
+    notes = []
+    if max_px is None and (min_px or 0) <= (opts.image_max_pixels or 0):
+        max_px = opts.image_max_pixels  # the CPU's default image cap (cpu_limits.py), with its notice
+        extra["on_downsize"] = lambda *a: notes.append(cpu_limits.cap_notice(*a))
+    image = load_image(item.input, min_pixels=min_px, max_pixels=max_px, cache_dir=opts.media_cache, **extra)
+    image.info["notices"] = notes + list(image.info.get("notices", ()))  # printed and kept in the stats
+    return image
 
 
 def _load(item: Item, opts: BatchOptions) -> Loaded:
@@ -426,33 +441,34 @@ def _load(item: Item, opts: BatchOptions) -> Loaded:
 
 
 class Prefetcher:
-    """Yields Loaded items in order. With depth >= 1 a daemon thread loads up to `depth` items
-    ahead of the consumer (a slot is freed when the consumer takes an item); depth 0 loads in
-    the caller's thread."""
-
-    _END = object()
+    """Yields Loaded items. With depth >= 1, `depth` threads load items ahead of the consumer and
+    items are yielded as their loads finish (results are merged in input order later), so one
+    slow download never holds back the items after it; at most `depth` loads run or wait at
+    once. depth 0 loads in the caller's thread, in order."""
 
     def __init__(self, items: List[Item], opts: BatchOptions, depth: int):
         self.items, self.opts, self.depth = items, opts, depth
-        self.stop = threading.Event()
         self.wait_s = 0.0  # consumer time spent waiting for an item
         if depth > 0:
-            self.slots = threading.Semaphore(depth)
-            self.queue: queue.Queue = queue.Queue()
-            self.thread = threading.Thread(target=self._run, name="corpus-prefetch", daemon=True)
-            self.thread.start()
+            # Daemon threads, not a ThreadPoolExecutor: its workers are joined at exit, so Ctrl-C
+            # during a stalled download would wait for the download's deadline.
+            self.jobs: queue.Queue = queue.Queue()
+            for i in range(depth):
+                threading.Thread(target=self._work, name=f"corpus-prefetch-{i}", daemon=True).start()
 
-    def _run(self):
-        try:
-            for item in self.items:
-                while not self.slots.acquire(timeout=0.1):
-                    if self.stop.is_set():
-                        return
-                if self.stop.is_set():
-                    return
-                self.queue.put(_load(item, self.opts))
-        finally:
-            self.queue.put(self._END)
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            future, item = job
+            if future.set_running_or_notify_cancel():
+                future.set_result(_load(item, self.opts))  # _load returns errors, never raises
+
+    def _submit(self, item: Item) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((future, item))
+        return future
 
     def __iter__(self) -> Iterator[Tuple[Loaded, float]]:
         """(loaded item, seconds the consumer waited for it)."""
@@ -461,19 +477,37 @@ class Prefetcher:
                 loaded = _load(item, self.opts)
                 yield loaded, loaded.end - loaded.start
             return
-        while True:
+        todo, pending = iter(self.items), {}
+
+        def fill():
+            while len(pending) < self.depth:
+                item = next(todo, None)
+                if item is None:
+                    return
+                pending[self._submit(item)] = item.index
+
+        fill()
+        while pending:
             t0 = time.perf_counter()
-            got = self.queue.get()
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             waited = time.perf_counter() - t0
-            if got is self._END:
-                return
-            self.slots.release()
-            yield got, waited
+            future = min(done, key=pending.get)  # of those ready, the first in input order
+            del pending[future]
+            fill()  # the next load starts while this item is generated
+            yield future.result(), waited
 
     def close(self):
-        self.stop.set()
         if self.depth > 0:
-            self.thread.join(timeout=1.0)
+            # Loads still running end at their download deadline; nobody waits for them here.
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+            for _ in range(self.depth):
+                self.jobs.put(None)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -488,6 +522,8 @@ class BatchOptions:
     media_cache: str
     prompt: Optional[str]
     gen: dict
+    timeout: Optional[float] = None  # seconds per download (--timeout; an item's "timeout" wins)
+    image_max_pixels: Optional[int] = None  # the engine's default image cap (the CPU's), set once it loads
 
 
 def _one_line(e: BaseException) -> str:
@@ -517,7 +553,7 @@ def _check_args(args) -> BatchOptions:
     gen = GenerationOptions.from_args(args).as_dict()
     return BatchOptions(type=args.type, fps=args.fps, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                         max_frames=args.max_frames, media_cache=os.path.join(args.cache_dir, "media"),
-                        prompt=args.prompt[0] if args.prompt else None, gen=gen)
+                        prompt=args.prompt[0] if args.prompt else None, gen=gen, timeout=getattr(args, "timeout", None))
 
 
 def _warn(msg: str):
@@ -574,7 +610,7 @@ def _load_model(args, launch_env: dict):
     select_device_from_env(launch_env)
     return QwenVLInference(args.model, dtype=args.dtype, use_psa=args.use_psa, psa_config=psa_config_from_args(args),
                            cache_dir=args.cache_dir, hub=args.hub, min_pixels=args.min_pixels,
-                           max_pixels=args.max_pixels, verbose=True)
+                           max_pixels=args.max_pixels, verbose=True, timeout=getattr(args, "timeout", None))
 
 
 def _process(model, todo: List[Item], total: int, opts: BatchOptions, depth: int, writer: LineWriter,
@@ -582,6 +618,8 @@ def _process(model, todo: List[Item], total: int, opts: BatchOptions, depth: int
     bar = tqdm(total=total, initial=total - len(todo), unit="item", desc=who.rstrip(": ") or "batch",
                file=sys.stderr, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
     bar.set_postfix(failed=0, refresh=False)
+    if model.device == "cpu":
+        opts = dataclasses.replace(opts, image_max_pixels=cpu_limits.CPU_IMAGE_MAX_PIXELS)
     loader = Prefetcher(todo, opts, depth)
     try:
         for loaded, waited in loader:

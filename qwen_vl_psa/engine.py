@@ -31,6 +31,7 @@ from paddleformers.transformers.cache_utils import DynamicCache
 from psa_paddle import warmup as psa_warmup
 from psa_paddle.versions import paddle_problem
 
+from . import cpu_limits
 from .errors import InputError, ModelLoadError
 from .generation import TextStream, Timer, decode, prefill
 from .loading import (
@@ -46,7 +47,7 @@ from .media import Video, load_image, load_video
 from .options import DEFAULT_FPS, GenerationOptions, check_prompt
 from .prompt import MediaInput, Prompt, PromptBuilder
 from .psa_router import apply_psa, install_router
-from .report import format_stats
+from .report import format_stats, write_answer
 from .session import MediaSession
 
 Stream = Union[bool, Callable[[str], None]]
@@ -69,8 +70,10 @@ class QwenVLInference:
 
     def __init__(self, model_name: str = DEFAULT_MODEL, dtype: str = "bfloat16", use_psa: bool = False,
                  psa_config=None, cache_dir: str = "./model_cache", hub: str = "huggingface",
-                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, verbose: bool = True):
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, verbose: bool = True,
+                 timeout: Optional[float] = None):
         self.verbose = verbose
+        self.timeout = timeout  # seconds for one media download (fetch.DEFAULT_TIMEOUT when None)
         self.cache_dir = cache_dir
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         quiet_libraries(verbose)
@@ -95,6 +98,11 @@ class QwenVLInference:
         # The router is in place even without PSA: it gives prefill that continues a cache the
         # right causal offsets, which the model's own sdpa path does not.
         self.attention = install_router(self.model)
+        if self.device == "cpu":
+            # The eager vision attention builds [heads, N, N] scores per image: chunk it so
+            # memory grows linearly with the pixels (vision_attention.py).
+            from .vision_attention import install as install_chunked_vision
+            install_chunked_vision(self.model)
         if use_psa or psa_config is not None:
             self.enable_psa(psa_config)
 
@@ -124,51 +132,98 @@ class QwenVLInference:
         return self.inference_multi_image([image], prompt, **kw)
 
     def inference_multi_image(self, images: Sequence, prompt: str, *, min_pixels=None, max_pixels=None,
-                              **kw) -> str:
-        return self.ask(self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels), prompt, **kw)
+                              timeout=None, **kw) -> str:
+        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels, timeout=timeout)
+        return self.ask(media, prompt, **kw)
 
     def inference_video(self, video, prompt: str, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
-                        max_frames=None, **kw) -> str:
+                        max_frames=None, timeout=None, **kw) -> str:
         """video: file path, http(s) URL, a folder of frame images, or a media.Video already loaded
         (by media.load_video, e.g. in a prefetch thread; then fps and the pixel limits are its own)."""
-        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames)
+        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                                timeout=timeout)
         return self.ask(media, prompt, **kw)
 
     # -- several questions about the same media: the media prefix is prefilled once
     def open_video(self, video, fps: float = DEFAULT_FPS, *, conversation: bool = False, min_pixels=None,
-                   max_pixels=None, max_frames=None) -> MediaSession:
+                   max_pixels=None, max_frames=None, timeout=None) -> MediaSession:
         """A session over one video: `s.ask(question)` any number of times; see session.py.
 
         The video is loaded now; its vision encoding and prefill happen once, at the first question,
         and every question reuses them. conversation=True: each question sees the earlier turns.
         """
-        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames)
+        media = self.load_video(video, fps, min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                                timeout=timeout)
         return MediaSession(self, media, conversation=conversation)
 
     def open_images(self, images: Sequence, *, conversation: bool = False, min_pixels=None,
-                    max_pixels=None) -> MediaSession:
+                    max_pixels=None, timeout=None) -> MediaSession:
         """A session over one or more images, as open_video."""
-        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels)
+        media = self.load_images(images, min_pixels=min_pixels, max_pixels=max_pixels, timeout=timeout)
         return MediaSession(self, media, conversation=conversation)
 
     # -- the public steps
-    def load_images(self, images: Sequence, *, min_pixels=None, max_pixels=None) -> MediaInput:
+    def load_images(self, images: Sequence, *, min_pixels=None, max_pixels=None, timeout=None) -> MediaInput:
         """Fetch, decode and resize images (the engine's pixel limits unless given)."""
         if not images:
             raise InputError("no images given: pass at least one path, URL or PIL image")
+        cap, on_downsize, notices = max_pixels or self.max_pixels, None, []
+        asked_min = min_pixels or self.min_pixels or 0
+        if cap is None and self.device == "cpu" and asked_min <= cpu_limits.CPU_IMAGE_MAX_PIXELS:
+            cap = cpu_limits.CPU_IMAGE_MAX_PIXELS
+            on_downsize = lambda *a: notices.append(self._notice(cpu_limits.cap_notice(*a)))  # noqa: E731
         with Timer() as t:
-            pil = [load_image(im, min_pixels=min_pixels or self.min_pixels,
-                              max_pixels=max_pixels or self.max_pixels, cache_dir=self.media_cache)
+            pil = [load_image(im, min_pixels=min_pixels or self.min_pixels, max_pixels=cap,
+                              cache_dir=self.media_cache, on_downsize=on_downsize, **self._timeout(timeout))
                    for im in images]
-        return MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
+        notices += [self._notice(n) for im in pil for n in im.info.get("notices", ())]
+        self.check_fits(sum((im.width // 14) * (im.height // 14) for im in pil), "the image(s)")
+        media = MediaInput.images(pil, {"fetch_decode_resize_s": t.s})
+        if notices:
+            media.info["notices"] = notices  # in the stats, so --json shows them too
+        return media
 
     def load_video(self, video, fps: float = DEFAULT_FPS, *, min_pixels=None, max_pixels=None,
-                   max_frames=None) -> MediaInput:
+                   max_frames=None, timeout=None) -> MediaInput:
         """Fetch, decode, sample and resize a video (a media.Video is taken as it is)."""
         v = video if isinstance(video, Video) else load_video(
             video, fps=fps, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels,
-            max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose)
-        return MediaInput.video(v)
+            max_frames=max_frames, cache_dir=self.media_cache, progress=self.verbose, **self._timeout(timeout))
+        t, h, w = v.frames.shape[:3]
+        self.check_fits((t // 2) * (h // 14) * (w // 14), "the video")
+        media = MediaInput.video(v)
+        if getattr(v, "container_duration_s", None) is not None:
+            media.info["container_duration_s"] = float(v.container_duration_s)  # vs video_duration_s: decoded
+        if getattr(v, "notices", None):
+            media.info["notices"] = [self._notice(n) for n in v.notices]
+        return media
+
+    def check_fits(self, patches: int, what: str, text_tokens: int = 256) -> None:
+        """On the CPU: one InputError naming --max-pixels when the call's estimated working memory
+        (cpu_limits.estimate_bytes) exceeds what the machine has available, before the processor,
+        the vision encoder or the prefill allocate anything large."""
+        if self.device != "cpu":
+            return
+        avail = cpu_limits.available_bytes()
+        cfg = self.model.config
+        need = cpu_limits.estimate_bytes(patches, text_tokens, cfg.vision_config, cfg.text_config)
+        if avail is None or need <= avail:
+            return
+        raise InputError(f"{what} give {patches // 4} visual tokens, which need about {cpu_limits.gib(need)} "
+                         f"of memory on the CPU but {cpu_limits.gib(avail)} is available; lower --max-pixels "
+                         f"(max_pixels=; e.g. {cpu_limits.CPU_IMAGE_MAX_PIXELS}, the CPU default), or --fps / "
+                         f"--max-frames for a video")
+
+    def _timeout(self, timeout) -> dict:
+        """timeout= for media.load_*: the call's, else the engine's, else media's default."""
+        timeout = timeout if timeout is not None else self.timeout
+        return {} if timeout is None else {"timeout": timeout}
+
+    def _notice(self, msg: str) -> str:
+        """One line on stderr (when verbose) about a choice made for the user; returned for the stats."""
+        if self.verbose:
+            print(f"notice: {msg}", file=sys.stderr, flush=True)
+        return msg
 
     def start_call(self, gen: dict) -> GenerationOptions:
         """Validated generation options (seeded), and the per-call peak-memory counter reset."""
@@ -177,6 +232,8 @@ class QwenVLInference:
             paddle.seed(opts.seed)
         if self.device == "gpu":
             paddle.device.cuda.reset_max_memory_allocated()
+        else:
+            cpu_limits.reset_peak_rss()  # each call reports its own peak, not the process's
         return opts
 
     def new_cache(self):
@@ -209,7 +266,7 @@ class QwenVLInference:
                t_start: float) -> Answer:
         """Prefill `embeds` (the tokens after those already in `cache`) at `positions()` -> (pos,
         rope_deltas), then decode until a stop token or max_tokens, streaming the text."""
-        callback = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream is True else (stream or None)
+        callback = write_answer if stream is True else (stream or None)
         text_stream = TextStream(self.tokenizer, callback)
         with Timer() as t_pre:
             pos, rope_deltas = positions()
@@ -231,7 +288,10 @@ class QwenVLInference:
             "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
             "vision_encoder_s": vis_s,
             "prefill_s": ans.prefill_s,
+            # from the call's start (processor, vision encoder, prefill), media already loaded ...
             "time_to_first_token_s": ans.ttft,
+            # ... and counting this call's media fetch / decode / resize too (0 for reused media)
+            "time_to_first_token_with_media_s": ans.ttft + sum(pre.values()),
             "decode_s": decode_s,
             # the first output token comes from the prefill; decoding makes the rest
             "decode_tokens_per_s": (max(n_out - 1, 0) / decode_s) if decode_s > 0 and n_out > 1 else None,
@@ -239,6 +299,7 @@ class QwenVLInference:
             "output_tokens": n_out,
             "stopped_by": ans.stopped_by,
             **peak_memory(self.device),
+            **({"peak_memory_mb": cpu_limits.peak_rss_mb()} if self.device == "cpu" else {}),
             **info,
         }
         if self.psa is not None:

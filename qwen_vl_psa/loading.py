@@ -55,8 +55,8 @@ def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
             path = snapshot_download(repo_id=model, local_dir=os.path.join(cache_dir, "aistudio", model),
                                      allow_patterns=list(WEIGHT_PATTERNS))
     except Exception as e:  # network, auth, unknown repo: all the user's to fix
-        raise ModelLoadError(f"cannot download {model!r} from {hub}: {type(e).__name__}: {str(e)[:200]} "
-                             f"(check the id and your network, or pass a local folder with --model)") from e
+        from .inputs import hub_download_message  # one line: "no network" said plainly (issue 11)
+        raise ModelLoadError(hub_download_message(model, hub, e)) from e
     check_model_dir(path)
     return path
 

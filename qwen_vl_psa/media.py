@@ -19,6 +19,11 @@ Where this module deliberately differs from paddleformers' vision_process:
   the tensor: at most a couple of 8-bit levels apart (tested). Images use PIL bicubic, as there.
 - A max_pixels below the default min_pixels drops that default to one patch instead of failing.
 - Transparency is composited over white for every mode with alpha (the reference: RGBA only).
+- EXIF orientation is applied (the reference ignores it: portrait phone photos went in
+  sideways); 16-bit and float images are scaled to 8 bits (PIL's convert clipped them to white);
+  an animated image uses its first frame, with a notice (info["notices"]).
+- A video whose container claims clearly more time than decodes (a truncated download) gets a
+  notice with both durations (Video.notices, container_duration_s).
 - Frame folders / lists longer than max_frames (default 768) are sampled down (linspace rule);
   the reference takes every frame. Each frame goes through the image rule with factor 28, as in
   qwen-vl-utils; paddleformers' fetch_video passes 28 as the patch size there (factor 56), a
@@ -41,8 +46,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 from paddleformers.transformers.qwen2_vl import vision_process as _vp
@@ -61,10 +64,13 @@ from paddleformers.transformers.qwen2_vl.vision_process import (
     smart_nframes,
     smart_resize,
 )
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
-from .fetch import cache_folder, cache_name, download, fetch_bytes, one_line, part_file
+from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file, publish
+from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
+from .inputs import file_url_path as _file_url_path
+from .inputs import url_scheme as _url_scheme
 
 PATCH_SIZE = 14  # Qwen2.5-VL vision patch side
 FACTOR = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28: one merged token covers a 28x28 pixel square
@@ -76,10 +82,6 @@ VIDEO_MIN_PIXELS = VIDEO_MIN_TOKEN_NUM * PATCH_PIXELS
 VIDEO_MAX_PIXELS = VIDEO_MAX_TOKEN_NUM * PATCH_PIXELS
 
 BACKENDS = ("auto", "decord", "pyav")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
-              ".3gp", ".ts"}
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 Source = Union[str, os.PathLike, Image.Image]
 
@@ -96,33 +98,51 @@ class Video:
     duration_s: float  # source length in seconds
     timings: dict = field(default_factory=dict)  # fetch_s, decode_s, resize_s
     backend: str = ""  # "decord", "pyav" or "frames"
+    container_duration_s: Optional[float] = None  # what the file's header claims (None: unknown)
+    notices: list = field(default_factory=list)  # what the user should know (a truncated file)
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def load_image(src: Source, *, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-               cache_dir: Optional[str] = None, timeout: float = 30) -> Image.Image:
+               cache_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+               on_downsize: Optional[Callable[[str, tuple, tuple], None]] = None) -> Image.Image:
     """Open an image and resize it the Qwen2.5-VL way.
 
     src: local path, file:// URL, http(s) URL, data:image/...;base64 URI or a PIL image.
     Pixel limits default to the reference's 4 .. 16384 tokens (x 28*28 pixels). A remote image is
     fetched into memory, or into `cache_dir` (reused next time) when one is given.
+    on_downsize(label, (width, height), (new_width, new_height)) is called when max_pixels
+    shrinks the image (the engine prints its CPU-cap notice with it). The result's
+    info["notices"] lists what the user should know (only the first frame of an animated GIF /
+    WebP / APNG is used); the engine prints them and puts them in the stats.
     """
     min_pixels, max_pixels = _image_pixel_limits(min_pixels, max_pixels)
     _check_timeout(timeout)
     label = _describe(src)
-    image = _to_rgb(_open_image(src, label, cache_dir, timeout))
+    opened = _open_image(src, label, cache_dir, timeout)
+    frames = opened.info.get("frames_in_file", 1)
+    notices = list(opened.info.get("notices", ())) if isinstance(src, Image.Image) else []
+    if frames > 1 and not isinstance(src, Image.Image):
+        notices.append(f"{label} is animated ({frames} frames); only the first frame is used (for all of "
+                       f"them, save the frames to a folder and pass it with --type video)")
+    image = _to_rgb(opened)
     width, height = image.size
     new_h, new_w = _smart_size(height, width, min_pixels, max_pixels, label)
+    if on_downsize is not None and width * height > max_pixels:
+        on_downsize(label, (width, height), (new_w, new_h))
     # PIL bicubic is what the reference's fetch_image uses (Image.resize's default filter).
-    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    out = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    out.info["frames_in_file"] = frames
+    out.info["notices"] = notices  # what the user should know; the engine prints them
+    return out
 
 
 def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
                min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                total_pixels: Optional[float] = None, max_frames: Optional[int] = None,
-               cache_dir: Optional[str] = None, timeout: float = 30, progress: bool = True,
+               cache_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
                backend: str = "auto") -> Video:
     """Open a video, sample frames at `fps` and resize them the Qwen2.5-VL way.
 
@@ -158,36 +178,15 @@ def load_video(src: Union[Source, Sequence[Source]], *, fps: float = FPS,
     frames, total, video_fps, indices, used = _decode_video(path, label, choose, backend)
     timings["decode_s"] = time.perf_counter() - start
     frames, timings["resize_s"] = _resize_video(frames, min_pixels, max_pixels, total_pixels, label)
+    decoded_s, claimed_s = total / video_fps, _container_duration(path)
+    notices = []
+    if claimed_s is not None and claimed_s - decoded_s > max(0.5, 0.1 * claimed_s):
+        notices.append(f"video {label}: only {decoded_s:.1f} s of its {claimed_s:.1f} s could be decoded (the "
+                       f"file looks truncated); the answer covers that part only: download or copy it again")
     return Video(frames=frames, sample_fps=len(indices) / max(total, 1e-6) * video_fps,
                  source_fps=video_fps, total_frames=total, frame_indices=list(indices),
-                 duration_s=total / video_fps, timings=timings, backend=used)
-
-
-def guess_media_type(src: Any) -> Optional[str]:
-    """Return "image", "video" or None from a PIL image, a list (frames), a data URI's MIME type,
-    a file extension or a local folder (frames: a video). Nothing is opened or fetched."""
-    if isinstance(src, Image.Image):
-        return "image"
-    if isinstance(src, (list, tuple)):
-        return "video" if src else None
-    if not isinstance(src, (str, os.PathLike)):
-        return None
-    text = os.fspath(src)
-    if isinstance(src, str) and text.startswith("data:"):
-        mime = text[5:].split(",", 1)[0].split(";", 1)[0].lower()
-        return {"image": "image", "video": "video"}.get(mime.split("/", 1)[0])
-    scheme = _url_scheme(text) if isinstance(src, str) else None
-    path = urlparse(text).path if scheme in ("http", "https") else text
-    if scheme == "file":
-        path = _file_url_path(text)
-    ext = os.path.splitext(path)[1].lower()
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in VIDEO_EXTS:
-        return "video"
-    if scheme in (None, "file") and os.path.isdir(os.path.expanduser(path)):
-        return "video"
-    return None
+                 duration_s=decoded_s, timings=timings, backend=used, container_duration_s=claimed_s,
+                 notices=notices)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -360,21 +359,6 @@ def _describe(src: Any) -> str:
     return str(text)
 
 
-def _url_scheme(text: str) -> Optional[str]:
-    match = _URL_RE.match(text)
-    return match.group(1).lower() if match else None
-
-
-def _file_url_path(url: str) -> str:
-    """file:///abs/path -> /abs/path. The reference simply drops "file://", so the literal rest
-    wins when it exists; otherwise percent-escapes are decoded."""
-    raw = url[len("file://"):]
-    if raw.startswith("localhost/"):
-        raw = raw[len("localhost"):]
-    decoded = url2pathname(raw)
-    return raw if os.path.exists(raw) or not os.path.exists(decoded) else decoded
-
-
 def _source_kind(src: Any, what: str) -> tuple:
     """(kind, value): kind is "pil", "path", "http" or "data"; rejects other types and schemes."""
     if isinstance(src, Image.Image):
@@ -426,23 +410,33 @@ def _open_image(src: Any, label: str, cache_dir: Optional[str], timeout: float) 
         return _decode_image(io.BytesIO(_data_uri_bytes(value, label)), label)
     if kind == "http":
         if cache_dir is not None:
-            path = download(value, cache_dir, timeout, progress=False)
+            path = download(value, cache_dir, timeout, progress=False, check=_image_problem, what="an image")
             return _decode_image(path, f"{value} (cached as {path})")
         return _decode_image(io.BytesIO(fetch_bytes(value, timeout)), label)
     path = _existing_path(value, "image file")
     if path.is_dir():
         raise MediaError(f"{path} is a folder, not an image; pass an image file "
-                         f"(a folder of frames is a video: use load_video)")
+                         f"(a folder of frames is a video: --type video, or load_video in Python)")
     return _decode_image(path, label)
 
 
 def _decode_image(source: Any, label: str) -> Image.Image:
     try:
         with Image.open(source) as image:
+            frames = getattr(image, "n_frames", 1)
             image.load()  # decode now, so a truncated file fails here and not later
-            return image
+            if frames > 1:
+                image.info["frames_in_file"] = frames  # read by load_image for its notice
+            oriented = ImageOps.exif_transpose(image)  # a portrait phone photo stays upright
+            if oriented is not image:
+                oriented.info.setdefault("frames_in_file", frames)
+            return oriented
     except QwenVLError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2x MAX_IMAGE_PIXELS (179 MP) unread
+        size = one_line(exc).split(" could be")[0].rstrip(",")
+        raise MediaError(f"cannot decode image {label}: {size}; that is more than PIL decodes safely: "
+                         f"downscale it first") from None
     except UnidentifiedImageError:  # its text names a BytesIO object: say it plainly
         raise MediaError(f"cannot decode image {label}: unknown image format; "
                          f"is it a valid image file?") from None
@@ -451,9 +445,69 @@ def _decode_image(source: Any, label: str) -> Image.Image:
                          f"is it a valid image file?") from None
 
 
+def _image_problem(path: Path) -> Optional[str]:
+    """None when `path` opens as an image (header and structure: PIL's verify), else why not."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return None
+    except UnidentifiedImageError:
+        return "not an image format PIL knows"
+    except Exception as exc:  # truncated, corrupt: PIL raises many types
+        return one_line(exc)
+
+
+def _video_problem(path: Path) -> Optional[str]:
+    """None when `path` opens as a video with a video stream (PyAV, else decord), else why not."""
+    try:
+        import av
+    except ImportError:
+        try:
+            import decord
+            decord.VideoReader(str(path))
+            return None
+        except ImportError:
+            return None  # nothing to check with: the decode step reports problems
+        except Exception as exc:
+            return one_line(exc)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream"
+        return None
+    except Exception as exc:  # av.FFmpegError and friends
+        return one_line(exc)
+
+
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images scaled to 8-bit grey. PIL's convert() clips them
+    at 255 (a 16-bit PNG came out almost all white): 16-bit types divide by 257; "I" and "F"
+    use the range of their type when the values fit it (0..65535, or 0..1), else their own."""
+    data = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = data / 257.0
+    else:
+        lo, hi = float(data.min()), float(data.max())
+        if image.mode == "F" and lo >= 0 and hi <= 1.0:
+            scaled = data * 255.0
+        elif lo >= 0 and hi <= 255 and image.mode == "I":  # 8-bit values held as integers
+            scaled = data
+        elif lo >= 0 and hi <= 65535:
+            scaled = data / 257.0
+        else:
+            scaled = (data - lo) / max(hi - lo, 1e-12) * 255.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited over white (the reference does it for RGBA only).
-    EXIF orientation is left alone, as in the reference pipeline."""
+    """RGB with any transparency composited over white (the reference does it for RGBA only);
+    16-bit and float images scaled to 8 bits. EXIF orientation was applied on decoding (the
+    reference pipeline ignores it, so portrait phone photos went in sideways)."""
+    if image.mode in _HIGH_DEPTH:
+        return _to_8bit(image).convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         return image.convert("RGB")
@@ -474,7 +528,7 @@ def _video_file(src: Any, cache_dir: Optional[str], timeout: float, progress: bo
         raise InputError(f"{label} is a single image, not a video; use load_image, or pass a "
                          f"list of images / a folder of frames")
     if kind == "http":
-        path = download(value, cache_dir, timeout, progress)
+        path = download(value, cache_dir, timeout, progress, check=_video_problem, what="a video")
         return path, f"{value} (cached as {path})"
     if kind == "data":
         return _data_uri_file(value, label, cache_dir), label
@@ -493,7 +547,7 @@ def _data_uri_file(uri: str, label: str, cache_dir: Optional[str]) -> Path:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
-            os.replace(part, target)
+            publish(part, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(part)
@@ -517,13 +571,38 @@ def _decode_video(path: Path, label: str, choose: Callable, backend: str) -> tup
             problems.append(f"{name} is not installed")
         except Exception as exc:  # decoders raise RuntimeError, av.FFmpegError, ...
             problems.append(f"{name}: {one_line(exc)}")
-    raise MediaError(f"cannot decode video {label}: {'; '.join(problems)}; "
-                     f"is it a valid video file?")
+    reasons = {p.split(": ", 1)[-1] for p in problems}
+    detail = reasons.pop() if len(reasons) == 1 and len(problems) > 1 else "; ".join(problems)
+    detail = detail.replace(f": '{path}'", "")  # the path is in the label already
+    raise MediaError(f"cannot decode video {label}: {detail}; is it a valid video file?")
+
+
+def _container_duration(path: Path) -> Optional[float]:
+    """Seconds the container's header claims (PyAV: the format's, else the stream's), or None."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if container.duration:
+                return container.duration / av.time_base
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:  # no PyAV, or it cannot read what decord could: no claim to compare with
+        return None
+    return None
 
 
 def _read_decord(path: Path, choose: Callable) -> tuple:
     import decord  # optional: PyAV covers for it
 
+    # decord's ffmpeg logs straight to stderr ("[h264 @ 0x..] Invalid NAL unit size" for a cut
+    # file): the notice or error line says it once, in words.
+    with contextlib.suppress(Exception):
+        decord.logging.set_level(decord.logging.QUIET)
+    problem = _video_problem(path)  # PyAV's quiet probe first: decord logs a C++ error line to stderr
+    if problem is not None:
+        raise RuntimeError(problem)
     reader = decord.VideoReader(str(path))
     total, fps = len(reader), float(reader.get_avg_fps())
     indices = choose(total, fps)

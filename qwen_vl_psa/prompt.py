@@ -73,10 +73,22 @@ class PromptBuilder:
         with Timer() as t:
             inputs = self.encode_text(text, processor_kwargs)
         n_in = inputs["input_ids"].shape[1]
+        ids = inputs["input_ids"][0].tolist()
         if n_in + 1 > self.max_context:
-            raise InputError(f"media plus prompt is {n_in} tokens, over the model's context of {self.max_context}: "
-                             "lower --fps or --max-pixels")
-        return Prompt(inputs, inputs["input_ids"][0].tolist(), processor_s=t.s)
+            raise InputError(self.too_long(ids, "media plus prompt"))
+        return Prompt(inputs, ids, processor_s=t.s)
+
+    def too_long(self, ids: List[int], what: str) -> str:
+        """The over-the-context message, naming the part that is long: the text or the media."""
+        c = self.count_tokens(ids)
+        media = c["image"] + c["video"]
+        if c["text"] >= media:
+            fix = f"shorten the prompt (its text is {c['text']} tokens)"
+        elif c["video"]:
+            fix = f"lower --fps, --max-frames or --max-pixels (the video is {c['video']} tokens)"
+        else:
+            fix = f"lower --max-pixels or pass fewer images (the images are {c['image']} tokens)"
+        return f"{what} is {c['total']} tokens, over the model's context of {self.max_context}: {fix}"
 
     def encode(self, content: list, processor_kwargs: dict) -> dict:
         """chat_text + encode_text: the processor output of one user turn."""

@@ -119,6 +119,10 @@ def router(module, query, key, value, attention_mask=None, attn_mask_startend_ro
         return base(module, query, key, value, attention_mask=attention_mask, dropout=dropout, sink=sink,
                     scaling=scaling, **kw)
     if Lq == Lk:
+        if not query.place.is_gpu_place():  # Paddle's CPU sdpa builds [heads, T, T]: bound it
+            from .vision_attention import MAX_SCORE_ELEMENTS, causal_chunked
+            if B * Hq * Lq * Lk > MAX_SCORE_ELEMENTS:
+                return causal_chunked(query, key, value, scaling), None
         out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask=None, dropout=0.0,
                                               scaling=scaling, is_causal=True)[0]
         return out, None

@@ -1,4 +1,25 @@
-"""The stats dicts of QwenVLInference and MediaSession, formatted for people (one fact per line)."""
+"""The stats dicts of QwenVLInference and MediaSession, formatted for people (one fact per line);
+and answer text made safe for a terminal."""
+import re
+import sys
+
+# C0 controls but tab and newline, DEL and C1 controls: an ESC sequence in a generated answer
+# could move the cursor, recolour or retitle the user's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str, stream=None) -> str:
+    """`text` without control characters when `stream` (default stdout) is a terminal; as is
+    otherwise (a pipe or file gets the raw text, and --json always does)."""
+    stream = stream or sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    return _CONTROL.sub("", text) if isatty is not None and isatty() else text
+
+
+def write_answer(text: str) -> None:
+    """Streamed answer text to stdout, terminal-safe."""
+    sys.stdout.write(terminal_safe(text))
+    sys.stdout.flush()
 
 
 def format_stats(s: dict) -> str:
@@ -14,7 +35,9 @@ def format_stats(s: dict) -> str:
         f"preprocess      {s['preprocess_s']:.3f} s  ({', '.join(f'{k} {v:.3f}' for k, v in s['preprocess'].items())})",
         f"vision encoder  {s['vision_encoder_s']:.3f} s" + ("  (media reused)" if s.get("reuse", {}).get("hit")
                                                           else ""),
-        f"prefill         {s['prefill_s']:.3f} s  (time to first token {s['time_to_first_token_s']:.3f} s)",
+        f"prefill         {s['prefill_s']:.3f} s  (time to first token {s['time_to_first_token_s']:.3f} s after "
+        f"the media were loaded" + (f", {s['time_to_first_token_with_media_s']:.3f} s with fetch and decode)"
+                                    if "time_to_first_token_with_media_s" in s else ")"),
         f"decode          {rate}",
         f"input tokens    {tok['total']}  (text {tok['text']}, image {tok['image']}, video {tok['video']})",
         f"output tokens   {s['output_tokens']}  (stopped by {s['stopped_by']})",
@@ -22,7 +45,9 @@ def format_stats(s: dict) -> str:
     ]
     if "frames" in s:
         lines.append(f"video           {s['frames']} frames of {s['frame_size'][0]}x{s['frame_size'][1]} "
-                     f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s")
+                     f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s"
+                     + (f" (the file claims {s['container_duration_s']:.1f} s)"
+                        if s.get("container_duration_s", 0) - s["video_duration_s"] > 0.5 else ""))
     if "reuse" in s:
         lines.append(format_reuse(s["reuse"]))
     if "psa" in s:

@@ -108,7 +108,7 @@ class MediaSession:
             with Timer() as t_tok:
                 prompt_ids, start = self._prompt_for(question, suffix)
             if len(prompt_ids) + 1 > m.max_context:
-                raise InputError(self._too_long(len(prompt_ids)))
+                raise InputError(self._too_long(prompt_ids))
             embeds, positions = self._new_inputs(prompt_ids, start)
             try:
                 ans = m.answer(embeds, positions, self._cache, prompt_ids, opts, stream, t_start)
@@ -252,12 +252,11 @@ class MediaSession:
             raise SessionClosedError("this session is closed (its cache was released): open a new one with "
                                      "open_video / open_images")
 
-    def _too_long(self, n: int) -> str:
+    def _too_long(self, ids) -> str:
         if self.conversation and self._cache_ids:
-            return (f"the conversation is {n} tokens, over the model's context of {self.model.max_context}: "
+            return (f"the conversation is {len(ids)} tokens, over the model's context of {self.model.max_context}: "
                     "reset() it or open a new session")
-        return (f"media plus question is {n} tokens, over the model's context of {self.model.max_context}: "
-                "ask a shorter question, or lower --fps or --max-pixels")
+        return self.model.prompts.too_long(ids, "media plus question")
 
     @contextlib.contextmanager
     def _attention(self, config):

@@ -9,7 +9,11 @@ Servers (function-scoped; one fresh server per test):
                                           then closes the connection (an interrupted download)
                         /__slow__/<name>  waits `.slow_s` seconds (default 2) before answering
                         /__status__/<code> answers that HTTP status with an empty body
-                      Missing files get 404.
+                        /__drip__/<name>  sends the headers (full Content-Length), then one byte
+                                          every `.drip_s` seconds (default 1): a server that never
+                                          stalls long enough for a per-read timeout
+                      Missing files get 404. HEAD answers the status and headers of a GET (the CLI
+                      probes URLs before loading the model); `.hits` counts GETs only.
     https_server   -> the same over TLS with a throw-away self-signed certificate; `.ca_path` is its
                       PEM. The fixture sets REQUESTS_CA_BUNDLE to it for this test only, so
                       `requests` verifies the server normally (no verify=False anywhere).
@@ -75,9 +79,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         drop = path.startswith("/__drop__/")
+        drip = path.startswith("/__drip__/")
         if path.startswith("/__slow__/"):
             time.sleep(server.slow_s)
-        if path.startswith(("/__drop__/", "/__slow__/")):
+        if path.startswith(("/__drop__/", "/__slow__/", "/__drip__/")):
             path = path.split("/", 2)[2]
         file = server.root / path.lstrip("/")
         if not file.is_file():
@@ -88,6 +93,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", mimetypes.guess_type(file.name)[0] or "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if drip:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(server.drip_s)
+            return
         if drop:
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
@@ -95,6 +106,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self.wfile.write(data)
+
+    def do_HEAD(self):  # noqa: N802: the status and headers a GET would give, no body
+        path = unquote(urlparse(self.path).path)
+        if path.startswith("/__status__/"):
+            self.send_response(int(path.rsplit("/", 1)[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if path.startswith(("/__drop__/", "/__slow__/", "/__drip__/")):
+            path = path.split("/", 2)[2]
+        file = self.server.root / path.lstrip("/")
+        if not file.is_file():
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(file.stat().st_size))
+        self.end_headers()
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -115,6 +143,7 @@ class LocalServer:
         self._server.root = root
         self._server.hits = []
         self._server.slow_s = 2.0
+        self._server.drip_s = 1.0
         if context is not None:
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         scheme = "https" if context is not None else "http"
@@ -136,6 +165,14 @@ class LocalServer:
     @slow_s.setter
     def slow_s(self, value: float) -> None:
         self._server.slow_s = value
+
+    @property
+    def drip_s(self) -> float:
+        return self._server.drip_s
+
+    @drip_s.setter
+    def drip_s(self, value: float) -> None:
+        self._server.drip_s = value
 
     def url_for(self, name: str) -> str:
         return f"{self.url}/{name}"

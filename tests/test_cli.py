@@ -90,7 +90,7 @@ def test_help_mentions_every_documented_flag():
     (["--input", "{corrupt_img}", "--type", "image"], "bad.png"),
     (["--input", "{url404}", "--type", "image"], "404"),
     (["--input", "ftp://example.org/a.png", "--type", "image"], "ftp"),
-    (["--input", "notes.txt"], "--type"),
+    (["--input", "{txt}"], "--type"),  # an existing file of unknown kind (a missing one: "not found")
     (["--input", "{img}", "{img}", "--type", "video"], "one --input"),
     (["--input", "{img}", "--use-psa", "--query-block", "100"], "query_block"),
     (["--input", "{img}", "--max-tokens", "0"], "--max-tokens"),
@@ -101,7 +101,8 @@ def test_bad_input(tiny_model_dir, sample_image_path, sample_video_path, corrupt
     bad_png = tmp_path / "bad.png"
     bad_png.write_bytes(b"\x89PNG not really")
     fill = {"img": sample_image_path, "video": sample_video_path, "corrupt": corrupt_video_path,
-            "corrupt_img": bad_png, "url404": http_server.url + "/missing.png"}
+            "corrupt_img": bad_png, "url404": http_server.url + "/missing.png", "txt": tmp_path / "notes.txt"}
+    (tmp_path / "notes.txt").write_text("not media")
     argv = ["--model", tiny_model_dir, "--cache-dir", str(tmp_path / "c")] + [a.format(**fill) for a in args]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

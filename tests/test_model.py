@@ -151,7 +151,7 @@ def test_context_overflow_names_the_fix(tiny_model_dir, tmp_path):
     cfg["max_position_embeddings"] = 64
     (small / "config.json").write_text(json.dumps(cfg))
     m = QwenVLInference(str(small), dtype="float32", verbose=False)
-    with pytest.raises(InputError, match="context.*--fps or --max-pixels"):
+    with pytest.raises(InputError, match="context.*lower --max-pixels"):
         m.inference_image(_image(size=(448, 448)), "Describe.")
 
 

@@ -101,8 +101,8 @@ def check_args(args) -> None:
 
 
 def settings_from_args(args):
-    from .server_app import ServeSettings
     from .server_media import MediaLimits
+    from .server_protocol import ServeSettings
 
     psa_cfg = psa_config_from_args(args) if args.use_psa else None
     return ServeSettings(

@@ -63,8 +63,9 @@ class RunningServer:
 
 
 def make_server(engine, **settings) -> RunningServer:
-    from qwen_vl_psa.server_app import ServeSettings, create_app
+    from qwen_vl_psa.server_app import create_app
     from qwen_vl_psa.server_media import MediaLimits
+    from qwen_vl_psa.server_protocol import ServeSettings
 
     media = MediaLimits(max_bytes=settings.pop("max_media_bytes", 256 << 10), timeout_s=settings.pop("timeout_s", 2.0),
                         allowed_local_dir=settings.pop("allowed_local_dir", None))
@@ -222,7 +223,7 @@ def test_stop_strings_end_the_answer_streamed_or_not(api):
 
 def test_stop_filter_holds_back_what_may_start_a_stop_string():
     from qwen_vl_psa.generation import StopGeneration, TextStream
-    from qwen_vl_psa.server_app import StreamFilter
+    from qwen_vl_psa.server_protocol import StreamFilter
 
     sent = []
     f = StreamFilter(["cd", "\n\n"], sent.append, threading.Event())

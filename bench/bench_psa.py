@@ -40,6 +40,7 @@ _pkg.__path__ = [str(ROOT / "psa_paddle")]
 sys.modules.setdefault("psa_paddle", _pkg)
 from video_like import video_like_factors  # noqa: E402
 
+from psa_paddle import launch as PL  # noqa: E402
 from psa_paddle import triton_attention as TA  # noqa: E402
 from psa_paddle import triton_estimate as TE  # noqa: E402
 
@@ -366,7 +367,7 @@ def check():
     except Exception as ex:
         ok = False
         log(f"estimate graph capture FAILED: {type(ex).__name__}: {ex}")
-    log(f"TMA path chosen by default here: {TA._want_tma(q, None) and TA._tma_ok(q, k, v)}")
+    log(f"TMA path chosen by default here: {TA.wants_tma(q) and PL.tma_ready(q, k, v)}")
     dense = TA.dense_attention_triton(q, k, v, 0, scale)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):

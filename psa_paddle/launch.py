@@ -37,6 +37,9 @@ import sys
 import threading
 
 __all__ = [
+    "device_capability",
+    "tma_ready",
+    "tensor_descriptor",
     "interpreting",
     "prepare_triton",
     "ensure_driver",
@@ -248,6 +251,82 @@ def is_gpu(t) -> bool:
 # --------------------------------------------------------------------------------------------
 # device and stream
 # --------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------- TMA (Hopper) helpers
+
+_CC_CACHE: dict = {}
+
+
+def device_capability(t):
+    """(major, minor) compute capability of a GPU tensor's device, or None (CPU, or unknown)."""
+    try:
+        if framework_of(t) == "torch":
+            dev = t.device
+            if dev.type != "cuda":
+                return None
+            key = ("torch", dev.index)
+            if key not in _CC_CACHE:
+                _CC_CACHE[key] = tuple(_torch().cuda.get_device_capability(dev))
+        else:
+            place = t.place
+            if not place.is_gpu_place():
+                return None
+            idx = place.gpu_device_id()
+            key = ("paddle", idx)
+            if key not in _CC_CACHE:
+                _CC_CACHE[key] = tuple(_paddle().device.cuda.get_device_capability(idx))
+        return _CC_CACHE[key]
+    except Exception:
+        return None
+
+
+def _descriptor_class():
+    try:  # Triton >= 3.3
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:  # older Triton: the kernels' plain path only
+        return None
+    return TensorDescriptor
+
+
+def tma_ready(*ts) -> bool:
+    """Tensor descriptors exist in this Triton, and every tensor is a contiguous [B, H, L, D] on a
+    16-byte boundary (what they need)."""
+    if _descriptor_class() is None:
+        return False
+    for t in ts:
+        B, H, L, D = (int(s) for s in t.shape)
+        if tuple(strides(t)) != (H * L * D, L * D, D, 1) or int(t.data_ptr()) % 16 or (D * 2) % 16:
+            return False
+    return True
+
+
+class _DescDtype:
+    """What TensorDescriptor and Triton's binder read off ``base.dtype`` (Paddle dtypes lack itemsize)."""
+
+    def __init__(self, name, itemsize):
+        self.name, self.itemsize, self.is_floating_point = name, itemsize, True
+
+    def __str__(self):
+        return "dtype." + self.name
+
+
+class _DescBase:
+    """A Paddle tensor as TensorDescriptor's base: its pointer and a dtype Triton understands."""
+
+    def __init__(self, t):
+        self._ptr = int(t.data_ptr())
+        name = dtype_name(t)
+        self.dtype = _DescDtype(name, 4 if name == "float32" else 2)
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def tensor_descriptor(t, shape, strides_, block):
+    """Triton's host TensorDescriptor over tensor ``t`` (either framework)."""
+    base = t if framework_of(t) == "torch" else _DescBase(t)
+    return _descriptor_class()(base, shape, strides_, block)
+
 
 def raw_stream_handle(stream) -> int:
     """The ``cudaStream_t`` (as int) of a framework stream object.

@@ -59,11 +59,6 @@ HOPPER_WARP_SPECIALIZE = True
 # 6th element of ``tiles`` (optional): kernel variant
 _VARIANTS = ("plain", "tma", "tma_ws")
 
-try:  # Triton >= 3.3
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except Exception:  # pragma: no cover - older Triton: the plain path only
-    _TensorDescriptor = None
-
 
 # ============================================================================================
 # kernels
@@ -361,82 +356,22 @@ def _check_pow2(name, x, lo=16):
         raise ValueError(f"{name} must be a power of two >= {lo}, got {x}")
 
 
-_CC_CACHE: dict = {}
-
-
-def _device_cc(t):
-    """(major, minor) compute capability of a GPU tensor's device, or None."""
-    try:
-        fw = _launch.framework_of(t)
-        if fw == "torch":
-            dev = t.device
-            if dev.type != "cuda":
-                return None
-            key = ("torch", dev.index)
-            if key not in _CC_CACHE:
-                _CC_CACHE[key] = tuple(_launch._torch().cuda.get_device_capability(dev))
-        else:
-            import paddle
-
-            place = t.place
-            if not place.is_gpu_place():
-                return None
-            idx = place.gpu_device_id()
-            key = ("paddle", idx)
-            if key not in _CC_CACHE:
-                _CC_CACHE[key] = tuple(paddle.device.cuda.get_device_capability(idx))
-        return _CC_CACHE[key]
-    except Exception:
-        return None
-
-
-class _DescDtype:
-    """What TensorDescriptor and Triton's binder read off ``base.dtype`` (Paddle dtypes lack itemsize)."""
-
-    def __init__(self, name, itemsize):
-        self.name, self.itemsize, self.is_floating_point = name, itemsize, True
-
-    def __str__(self):
-        return "dtype." + self.name
-
-
-class _DescBase:
-    def __init__(self, t):
-        self._ptr = int(t.data_ptr())
-        name = _launch.dtype_name(t)
-        self.dtype = _DescDtype(name, 4 if name == "float32" else 2)
-
-    def data_ptr(self):
-        return self._ptr
-
-
-def _flat_desc(t, block_rows, D):
+def flat_descriptor(t, block_rows, D):
     """A 2-D TMA descriptor over a contiguous ``[B, H, L, D]`` tensor viewed as ``[B*H*L, D]``."""
     B, H, L, _ = (int(s) for s in t.shape)
-    base = t if _launch.framework_of(t) == "torch" else _DescBase(t)
-    return _TensorDescriptor(base, [B * H * L, D], [D, 1], [block_rows, D])
-
-
-def _tma_ok(*ts):
-    """Tensor descriptors need contiguous [B, H, L, D] tensors on 16-byte boundaries."""
-    if _TensorDescriptor is None:
-        return False
-    for t in ts:
-        B, H, L, D = (int(s) for s in t.shape)
-        if tuple(_launch.strides(t)) != (H * L * D, L * D, D, 1) or int(t.data_ptr()) % 16 or (D * 2) % 16:
-            return False
-    return True
+    return _launch.tensor_descriptor(t, [B * H * L, D], [D, 1], [block_rows, D])
 
 
 _TMA_BROKEN = None  # set (to the error) when a TMA launch failed in this process
 _TMA_OOR: set = set()  # tile settings whose TMA kernel ran out of shared memory
 
 
-def _want_tma(q, use_tma):
-    """use_tma None: on for compute capability 9.x (Hopper) outside the interpreter."""
+def wants_tma(q, use_tma=None) -> bool:
+    """Whether the attention kernel loads through TMA for ``q``: use_tma None means on for compute
+    capability 9.x (Hopper) outside the interpreter, unless a TMA launch failed in this process."""
     if _launch.interpreting() or use_tma is False or _TMA_BROKEN is not None:
         return False
-    cc = _device_cc(q)
+    cc = _launch.device_capability(q)
     if use_tma is None:
         return cc is not None and cc[0] == 9
     return cc is None or cc[0] >= 9
@@ -539,7 +474,7 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
         tiles = tuple(tiles[:5])
         if variant != "plain" and use_tma is None:
             use_tma = True
-    tma = (variant != "plain") and _want_tma(q, use_tma) and _tma_ok(q, k, v)
+    tma = (variant != "plain") and wants_tma(q, use_tma) and _launch.tma_ready(q, k, v)
     ws = tma and (variant == "tma_ws" or (variant is None and HOPPER_WARP_SPECIALIZE))
     if tiles is None:
         tiles = _tiles.attention_tiles(q, tma=tma)  # per GPU class (psa_paddle/tiles.py)
@@ -573,7 +508,7 @@ def pyramid_attention_triton(q, k, v, levels, q_offset, scale, *, block_size: in
 
     def _go(tma_now):
         if tma_now:
-            dq, dk, dv = _flat_desc(q, bm, D), _flat_desc(k, bn, D), _flat_desc(v, bn, D)
+            dq, dk, dv = flat_descriptor(q, bm, D), flat_descriptor(k, bn, D), flat_descriptor(v, bn, D)
         else:
             dq = dk = dv = None
         _launch.launch(_attn_kernel, (n_mtiles, B * Hq), q, k, v, pk, pv, out, levels, lut, cnt, dq, dk, dv,
@@ -617,7 +552,7 @@ def dense_attention_triton(q, k, v, q_offset, scale, *, block_size: int = 128, t
     nQB = nKB - int(q_offset) // block_size
     levels = _launch.full(q, [B, Hq, nQB, nKB], 1, "int8")
     if tiles is None and not _launch.interpreting():
-        tma = _want_tma(q, use_tma) and _tma_ok(q, k, v)
+        tma = wants_tma(q, use_tma) and _launch.tma_ready(q, k, v)
         tiles = _tiles.attention_tiles(q, dense=True, tma=tma)  # per GPU class (psa_paddle/tiles.py)
     return pyramid_attention_triton(q, k, v, levels, q_offset, scale, block_size=block_size, tiles=tiles,
                                     use_tma=use_tma, _levels_all_one=True)

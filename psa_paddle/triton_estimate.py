@@ -394,23 +394,20 @@ _EST_TMA_BROKEN = None  # the same for its TMA variant
 def _est_tma(q, k, S, q_offset, variant):
     """TMA loads for the one-pass kernel: Hopper (auto) or asked for, contiguous q/k, and the
     strided views exact (Lq, Lk, q_offset multiples of the stride)."""
-    from . import triton_attention as _ta
-
-    if variant == "plain" or _launch.interpreting() or _ta._TensorDescriptor is None:
+    if variant == "plain" or _launch.interpreting():
         return False
-    if variant is None and not _ta._want_tma(q, None):
-        return False
+    if variant is None:
+        cc = _launch.device_capability(q)
+        if cc is None or cc[0] != 9:  # auto: Hopper only, as the attention kernel
+            return False
     Lq, Lk = int(q.shape[2]), int(k.shape[2])
-    return Lq % S == 0 and Lk % S == 0 and q_offset % S == 0 and _ta._tma_ok(q, k)
+    return Lq % S == 0 and Lk % S == 0 and q_offset % S == 0 and _launch.tma_ready(q, k)
 
 
 def _strided_desc(t, S, rows):
     """3-D descriptor over a contiguous ``[B, H, L, D]`` tensor viewed as ``[B*H, L/S, S*D]``."""
-    from . import triton_attention as _ta
-
     B, H, L, D = (int(x) for x in t.shape)
-    base = t if _launch.framework_of(t) == "torch" else _ta._DescBase(t)
-    return _ta._TensorDescriptor(base, [B * H, L // S, S * D], [L * D, S * D, 1], [1, rows, D])
+    return _launch.tensor_descriptor(t, [B * H, L // S, S * D], [L * D, S * D, 1], [1, rows, D])
 
 
 def _importance_one_pass(q, k, B, Hq, Hkv, Lq, Lk, D, q_offset, qb0, nQB, nKB, stride, R, n_t, qk_scale, sq, sk,

@@ -82,10 +82,10 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
         return compiled
 
     stand_in = StandInDriver(arch, shared)
-    saved_active, saved_launch, saved_cc = triton_driver._active, L.launch, ta._device_cc
+    saved_active, saved_launch, saved_cc = triton_driver._active, L.launch, L.device_capability
     triton_driver.set_active(stand_in)
     L.launch = warmup_instead_of_launch
-    ta._device_cc = lambda t: divmod(arch, 10)  # the kernels' own TMA rule sees this target too
+    L.device_capability = lambda t: divmod(arch, 10)  # the kernels' own TMA rule sees this target too
     T._for_device.cache_clear()
     try:
         paddle.seed(0)
@@ -105,7 +105,7 @@ def _compile_all(arch: int, shared: int, dtype: str) -> list:
         te.levels_from_importance_triton(imp, None, (LONG_KB - 1) * 128, 128)
         ta.build_level_lut(paddle.ones([1, 1, 1, LONG_KB], "int8"), (LONG_KB - 1) * 128, 128)
     finally:
-        L.launch, ta._device_cc = saved_launch, saved_cc
+        L.launch, L.device_capability = saved_launch, saved_cc
         triton_driver._active = saved_active
         T._for_device.cache_clear()
         for mod in (ta, te):

@@ -358,8 +358,9 @@ Hq, Hkv, L, D = 28, 4, 4096, 128
 q = paddle.zeros([1, Hq, L, D], dtype="bfloat16"); k = paddle.zeros([1, Hkv, L, D], dtype="bfloat16")
 lev = paddle.zeros([1, Hq, 32, 32], dtype="int8"); lut = paddle.zeros([Hq * 32, 32], dtype="int32")
 bm, bn, bnp, w, st = TA.HOPPER_TMA_TILES[128]
-c = TA._attn_kernel.warmup(q, k, k, k, k, q, lev, lut, lut, TA._flat_desc(q, bm, D), TA._flat_desc(k, bn, D),
-    TA._flat_desc(k, bn, D), Hq * L * D, L * D, D, Hkv * L * D, L * D, D, Hkv * L * D, L * D, D, Hq * L * D, L * D, D,
+dq, dk = TA.flat_descriptor(q, bm, D), TA.flat_descriptor(k, bn, D)
+c = TA._attn_kernel.warmup(q, k, k, k, k, q, lev, lut, lut, dq, dk, dk,
+    Hq * L * D, L * D, D, Hkv * L * D, L * D, D, Hkv * L * D, L * D, D, Hq * L * D, L * D, D,
     32 * 32 * Hq, 32 * 32, 32, Hq, Hq // Hkv, L, L, 0, 0, 32, 32, 100, 10, 20, 32, 0.1,
     D=D, BLK=128, BLOCK_M=bm, BLOCK_N=bn, T2=64, T4=32, T8=16, DT1=bn, DT2=64, DT4=32, DT8=16,
     USE_TMA=True, WS=TA.HOPPER_WARP_SPECIALIZE, num_warps=w, num_stages=st, grid=(1,))

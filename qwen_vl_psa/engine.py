@@ -49,6 +49,7 @@ from .prompt import MediaInput, Prompt, PromptBuilder
 from .psa_router import apply_psa, install_router
 from .report import format_stats, write_answer
 from .session import MediaSession
+from .vision_attention import install as install_chunked_vision
 
 Stream = Union[bool, Callable[[str], None]]
 
@@ -101,7 +102,6 @@ class QwenVLInference:
         if self.device == "cpu":
             # The eager vision attention builds [heads, N, N] scores per image: chunk it so
             # memory grows linearly with the pixels (vision_attention.py).
-            from .vision_attention import install as install_chunked_vision
             install_chunked_vision(self.model)
         if use_psa or psa_config is not None:
             self.enable_psa(psa_config)

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from .errors import InputError, MediaError, MediaNotFoundError, ModelLoadError
+from .loading import check_model_dir
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
@@ -149,34 +150,12 @@ def read_prompts_file(path: str) -> List[str]:
 
 def check_model_arg(model: str) -> None:
     """A local model folder is checked now (config.json, weights); a hub id only for its form."""
-    from .loading import check_model_dir  # imports no Paddle
-
     if os.path.isdir(model):
         check_model_dir(model)
         return
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"--model {model!r} is neither a folder nor a hub id like Qwen/Qwen2.5-VL-3B-Instruct; "
                              f"check the path")
-
-
-_OFFLINE = ("name or service not known", "temporary failure in name resolution", "failed to resolve",
-            "nodename nor servname", "network is unreachable", "connection refused", "connecterror",
-            "max retries exceeded", "offline", "timed out", "no route to host", "connection reset")
-
-
-def hub_download_message(model: str, hub: str, exc: BaseException) -> str:
-    """One line for a failed hub download: "no network" said plainly, otherwise the library's
-    first sentence (its messages run over several lines and were cut mid-sentence)."""
-    text = " ".join(str(exc).split())
-    reason = re.search(r"\[Errno -?\d+\] [A-Z]?[a-z]+(?: [a-z]+)*", text)
-    if any(k in text.lower() for k in _OFFLINE) or type(exc).__name__ in ("LocalEntryNotFoundError",
-                                                                           "OfflineModeIsEnabled"):
-        why = f" ({reason.group(0).strip().rstrip('.')})" if reason else ""
-        return (f"cannot download {model!r} from {hub}: the hub cannot be reached{why} and the model is not in "
-                f"the cache; check your network (or HTTPS_PROXY), or pass a downloaded folder with --model")
-    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0][:240]
-    return (f"cannot download {model!r} from {hub}: {type(exc).__name__}: {first} (check the id, or pass a "
-            f"local folder with --model)")
 
 
 def check_cli_args(args) -> None:

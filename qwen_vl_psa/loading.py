@@ -5,6 +5,7 @@ so Paddle and paddleformers are imported inside the functions that need them."""
 import json
 import logging
 import os
+import re
 import warnings
 from typing import Callable, List
 
@@ -55,10 +56,29 @@ def resolve_model_dir(model: str, cache_dir: str, hub: str) -> str:
             path = snapshot_download(repo_id=model, local_dir=os.path.join(cache_dir, "aistudio", model),
                                      allow_patterns=list(WEIGHT_PATTERNS))
     except Exception as e:  # network, auth, unknown repo: all the user's to fix
-        from .inputs import hub_download_message  # one line: "no network" said plainly (issue 11)
         raise ModelLoadError(hub_download_message(model, hub, e)) from e
     check_model_dir(path)
     return path
+
+
+_OFFLINE = ("name or service not known", "temporary failure in name resolution", "failed to resolve",
+            "nodename nor servname", "network is unreachable", "connection refused", "connecterror",
+            "max retries exceeded", "offline", "timed out", "no route to host", "connection reset")
+
+
+def hub_download_message(model: str, hub: str, exc: BaseException) -> str:
+    """One line for a failed hub download: "no network" said plainly, otherwise the library's
+    first sentence (its messages run over several lines and were cut mid-sentence)."""
+    text = " ".join(str(exc).split())
+    reason = re.search(r"\[Errno -?\d+\] [A-Z]?[a-z]+(?: [a-z]+)*", text)
+    if any(k in text.lower() for k in _OFFLINE) or type(exc).__name__ in ("LocalEntryNotFoundError",
+                                                                           "OfflineModeIsEnabled"):
+        why = f" ({reason.group(0).strip().rstrip('.')})" if reason else ""
+        return (f"cannot download {model!r} from {hub}: the hub cannot be reached{why} and the model is not in "
+                f"the cache; check your network (or HTTPS_PROXY), or pass a downloaded folder with --model")
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0][:240]
+    return (f"cannot download {model!r} from {hub}: {type(exc).__name__}: {first} (check the id, or pass a "
+            f"local folder with --model)")
 
 
 def check_model_dir(path: str):

@@ -24,6 +24,8 @@ from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS, Attent
 
 from psa_paddle import AttentionConfig, PSAStats, psa_attention, triton_off_reason
 
+from .vision_attention import MAX_SCORE_ELEMENTS, causal_chunked
+
 ROUTER = "qwen_vl_psa_router"
 
 
@@ -120,7 +122,6 @@ def router(module, query, key, value, attention_mask=None, attn_mask_startend_ro
                     scaling=scaling, **kw)
     if Lq == Lk:
         if not query.place.is_gpu_place():  # Paddle's CPU sdpa builds [heads, T, T]: bound it
-            from .vision_attention import MAX_SCORE_ELEMENTS, causal_chunked
             if B * Hq * Lq * Lk > MAX_SCORE_ELEMENTS:
                 return causal_chunked(query, key, value, scaling), None
         out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask=None, dropout=0.0,

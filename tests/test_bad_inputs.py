@@ -418,7 +418,7 @@ def test_no_decoder_log_lines_before_the_error(tiny_model_dir, corrupt_video_pat
 
 
 def test_hub_without_network_is_one_sentence():
-    from qwen_vl_psa.inputs import hub_download_message
+    from qwen_vl_psa.loading import hub_download_message
 
     class LocalEntryNotFoundError(Exception):
         pass

@@ -85,7 +85,7 @@ class QwenVLInference:
             self.device, self.dtype = pick_device_and_dtype(dtype, self._warn)
             path = resolve_model_dir(model_name, cache_dir, hub)
             self.model_dir = path
-            self.model, self.processor = load_model_and_processor(path, self.dtype, self.device)
+            self.model, self.processor, self.checkpoint = load_model_and_processor(path, self.dtype, self.device)
         self.model_name = model_name
         self.prompts = PromptBuilder(self.model, self.processor, self.dtype)
         self.tokenizer = self.processor.tokenizer
@@ -284,6 +284,7 @@ class QwenVLInference:
         stats = {
             "model": self.model_name, "device": self.device, "dtype": self.dtype,
             "model_load_s": self.load_s,
+            "checkpoint": self.checkpoint,
             "psa_warmup_s": self.psa_warmup_s,
             "preprocess_s": sum(pre.values()) + sum(proc.values()), "preprocess": {**pre, **proc},
             "vision_encoder_s": vis_s,

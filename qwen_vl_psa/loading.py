@@ -142,7 +142,8 @@ def configure_model(cfg, device: str, dtype: str):
 
 
 def load_model_and_processor(path: str, dtype: str, device: str):
-    """Any checkpoint layout (see checkpoint.py), read-only: nothing is written to `path`."""
+    """Any checkpoint layout (see checkpoint.py), read-only: nothing is written to `path`.
+    Returns (model, processor, what the checkpoint was: layout, tie, file dtypes, files)."""
     import paddle
     from paddleformers.transformers import AutoProcessor
 
@@ -164,7 +165,7 @@ def load_model_and_processor(path: str, dtype: str, device: str):
         raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {str(e)[:300]}") from e
     model.eval()
     paddle.set_grad_enabled(False)
-    return model, processor
+    return model, processor, ckpt.describe()
 
 
 def stop_token_ids(path: str, model, tokenizer) -> List[int]:

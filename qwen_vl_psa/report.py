@@ -29,7 +29,8 @@ def format_stats(s: dict) -> str:
     rate = f"{s['decode_tokens_per_s']:.1f} tokens/s" if s.get("decode_tokens_per_s") else "n/a (<2 tokens)"
     lines = [
         "---- stats ----",
-        f"model           {s['model']} on {s['device']} ({s['dtype']})",
+        f"model           {s['model']} on {s['device']} ({s['dtype']})"
+        + (f"; checkpoint: {s['checkpoint']}" if s.get("checkpoint") else ""),
         f"model load      {s['model_load_s']:.2f} s"
         + (f"  (PSA kernel compilation {s['psa_warmup_s']:.2f} s)" if s.get("psa_warmup_s") else ""),
         f"preprocess      {s['preprocess_s']:.3f} s  ({', '.join(f'{k} {v:.3f}' for k, v in s['preprocess'].items())})",

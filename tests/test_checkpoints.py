@@ -163,7 +163,12 @@ LAYOUTS = [
                               for l, t, d, s in LAYOUTS])
 def test_layout_gives_the_official_layouts_numbers(make, reference, layout, tie, dtype, single):
     path = make(layout=layout, tie=tie, dtype=dtype, single_file=single)
-    tokens, logits = _numbers(_load(path))
+    m = _load(path)
+    tokens, logits = _numbers(m)
+    # the stats say which layout was found
+    files = "1 file(s)" if single else "2 file(s)"
+    assert m.stats["checkpoint"] == (f"{layout} layout, {'tied' if tie else 'untied'} embeddings, {dtype} tensors "
+                                     f"in {files}"), m.stats["checkpoint"]
     ref_tokens, ref_logits = reference(tie, dtype)
     assert tokens == ref_tokens
     np.testing.assert_array_equal(logits, ref_logits)

@@ -111,15 +111,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_pixels(min_pixels: Any, max_pixels: Any) -> None:
+def check_pixels(min_pixels: Any, max_pixels: Any, *, api: bool = False) -> None:
+    """The pixel-limit rule, for the command line (flags named --min-pixels) or the Python API
+    (arguments named min_pixels=)."""
+    lo, hi = ("min_pixels=", "max_pixels=") if api else ("--min-pixels ", "--max-pixels ")
     if min_pixels is not None and (not _is_number(min_pixels) or min_pixels < 0):
-        raise InputError(f"--min-pixels must be >= 0, got {min_pixels!r}")
+        raise InputError(f"{lo}{min_pixels!r} must be a number >= 0")
     if max_pixels is not None and (not _is_number(max_pixels) or max_pixels < PATCH_PIXELS):
-        raise InputError(f"--max-pixels {max_pixels!r} is smaller than one 28x28 patch; use at least "
-                         f"{PATCH_PIXELS}")
+        raise InputError(f"{hi}{max_pixels!r} is smaller than one 28x28 patch; use at least {PATCH_PIXELS}")
     if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        raise InputError(f"--min-pixels {min_pixels} is larger than --max-pixels {max_pixels}; lower "
-                         f"--min-pixels or raise --max-pixels")
+        raise InputError(f"{lo}{min_pixels} is larger than {hi}{max_pixels}; lower {lo.strip(' =')} or "
+                         f"raise {hi.strip(' =')}")
 
 
 def check_max_frames(max_frames: Any) -> None:

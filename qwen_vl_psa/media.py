@@ -68,7 +68,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, MediaError, MediaNotFoundError, QwenVLError
 from .fetch import DEFAULT_TIMEOUT, cache_folder, cache_name, download, fetch_bytes, one_line, part_file, publish
-from .inputs import IMAGE_EXTS, VIDEO_EXTS, guess_media_type  # noqa: F401 (re-exported)
+from .inputs import IMAGE_EXTS, VIDEO_EXTS, check_pixels, guess_media_type  # noqa: F401 (re-exported)
 from .inputs import file_url_path as _file_url_path
 from .inputs import url_scheme as _url_scheme
 
@@ -214,14 +214,7 @@ def _check_video_args(fps: Any, max_frames: Any, backend: Any) -> None:
 
 def _checked_pixel_limits(min_pixels: Any, max_pixels: Any) -> tuple:
     """Explicit limits only: None stays None (the defaults depend on image vs video)."""
-    if min_pixels is not None and (not _is_number(min_pixels) or min_pixels < 0):
-        raise InputError(f"min_pixels must be a number >= 0, got {min_pixels!r}")
-    if max_pixels is not None and (not _is_number(max_pixels) or max_pixels < PATCH_PIXELS):
-        raise InputError(f"max_pixels={max_pixels!r} is smaller than one {FACTOR}x{FACTOR} patch; "
-                         f"use at least {PATCH_PIXELS}")
-    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        raise InputError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}; "
-                         f"lower min_pixels or raise max_pixels")
+    check_pixels(min_pixels, max_pixels, api=True)  # the command line's rule, with the API's names
     return min_pixels, max_pixels
 
 

@@ -45,7 +45,8 @@ def format_stats(s: dict) -> str:
         f"peak memory     {s['peak_memory_mb']:.0f} MiB  ({s['memory_kind'].replace('_', ' ')})",
     ]
     if "frames" in s:
-        lines.append(f"video           {s['frames']} frames of {s['frame_size'][0]}x{s['frame_size'][1]} "
+        height, width = s["frame_size"]
+        lines.append(f"video           {s['frames']} frames of {width}x{height} "
                      f"at {s['sample_fps']:.2f} fps from {s['video_duration_s']:.1f} s"
                      + (f" (the file claims {s['container_duration_s']:.1f} s)"
                         if s.get("container_duration_s", 0) - s["video_duration_s"] > 0.5 else ""))

@@ -40,6 +40,17 @@ def test_video_grid_follows_frames(model):
     assert n_pad == 3 * 4 * 6 // 4
 
 
+def test_video_stats_give_frame_size_as_width_x_height(model):
+    from qwen_vl_psa.media import Video
+
+    frames = (np.random.default_rng(1).random((4, 56, 84, 3)) * 255).astype(np.uint8)  # 56 high, 84 wide
+    video = Video(frames=frames, sample_fps=2.0, source_fps=2.0, total_frames=4, frame_indices=[0, 1, 2, 3],
+                  duration_s=2.0)
+    model.inference_video(video, "hi", max_tokens=2)
+    assert model.stats["frame_size"] == [56, 84]  # [height, width], as the frame arrays
+    assert "4 frames of 84x56 at 2.00 fps" in format_stats(model.stats)
+
+
 def test_chat_template_puts_media_before_prompt(model):
     text = model.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe"}]}],

@@ -106,6 +106,10 @@ def probe(url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         if response.status_code in (404, 410):
             raise MediaError(f"cannot fetch {url}: HTTP {response.status_code} {response.reason or ''}".rstrip()
                              + "; check the URL")
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if response.ok and content_type in ("text/html", "application/xhtml+xml"):
+            raise MediaError(f"cannot use {url}: the server answers with an HTML page ({content_type}), not an "
+                             "image or a video; check the URL (a page that shows the media is not the media file)")
 
 
 class _Pace:

@@ -501,3 +501,13 @@ def test_a_404_url_fails_before_the_model_stack(http_server, tmp_path):
     lines = error_lines(stderr)
     assert rc == 2 and len(lines) == 1 and "HTTP 404" in lines[0], stderr
     assert "paddle" not in heavy and seconds < 3
+
+
+@pytest.mark.slow
+def test_an_html_page_url_fails_before_the_model_stack(http_server, tmp_path):
+    (http_server.root / "gallery.html").write_bytes(HTML)  # served as text/html
+    rc, seconds, heavy, stderr = run_fast("--input", http_server.url_for("gallery.html"), "--type", "image",
+                                          "--cache-dir", tmp_path)
+    lines = error_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and "HTML page (text/html)" in lines[0], stderr
+    assert "paddle" not in heavy and seconds < 3

@@ -35,7 +35,6 @@ import math
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -43,9 +42,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-_pkg = types.ModuleType("psa_paddle")
-_pkg.__path__ = [str(ROOT / "psa_paddle")]
-sys.modules.setdefault("psa_paddle", _pkg)
+# bench_psa makes the kernel modules importable without Paddle (its psa_paddle stand-in package)
 from bench_psa import Cfg, sparsity, video_qkv  # noqa: E402
 
 from psa_paddle import triton_attention as TA  # noqa: E402

@@ -90,7 +90,6 @@ class QwenVLInference:
         self.prompts = PromptBuilder(self.model, self.processor, self.dtype)
         self.tokenizer = self.processor.tokenizer
         self.stop_ids = stop_token_ids(path, self.model, self.tokenizer)
-        self.max_context = self.prompts.max_context
         self.load_s = t.s
         self.psa_warmup_s = 0.0  # Triton kernel compilation at load (PSA on, GPU), not in any TTFT
         self._psa_warm = False
@@ -105,6 +104,11 @@ class QwenVLInference:
             install_chunked_vision(self.model)
         if use_psa or psa_config is not None:
             self.enable_psa(psa_config)
+
+    @property
+    def max_context(self) -> int:
+        """The model's context length in tokens (the prompt builder holds it)."""
+        return self.prompts.max_context
 
     # -- PSA on and off on the loaded model
     @property

@@ -104,7 +104,7 @@ def settings_from_args(args):
     from .server_media import MediaLimits
     from .server_protocol import ServeSettings
 
-    psa_cfg = psa_config_from_args(args) if args.use_psa else None
+    psa_cfg = psa_config_from_args(args)  # None when --use-psa is off
     return ServeSettings(
         served_model_name=args.served_model_name or args.model,
         api_key=args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None),

@@ -467,8 +467,7 @@ def test_error_classes(api, model, http_server, redirect_server, sample_image_pa
         if code is not None:
             assert err["code"] == code, err
     # too long for the context (the tiny model's is 128k tokens: lowered for this test)
-    monkeypatch.setattr(model.prompts, "max_context", 40)
-    monkeypatch.setattr(model, "max_context", 40)
+    monkeypatch.setattr(model.prompts, "max_context", 40)  # the engine's max_context reads it
     r = post(api, _body(photo))
     assert r.status_code == 400 and "over the model's context" in r.json()["error"]["message"]
     monkeypatch.undo()
